@@ -1,0 +1,61 @@
+"""Shared ``nn.Module`` plumbing: the open_clip-style helpers and the output formats."""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .outputs import ContrastiveLossOutput
+
+LossResult = Union[Tensor, dict, ContrastiveLossOutput]
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class of the image-text contrastive losses in this package.
+
+    Subclasses implement ``forward``; this class holds the options every loss shares and the
+    open_clip-style helpers that subclasses and users reuse.
+
+    Args:
+        normalize: L2-normalise both inputs in float32 before the similarity matrix. Leave it off when
+            the model already normalises its embeddings, as CLIP models do.
+        validate_values: check, with one host synchronisation per forward, that the loss is finite and
+            that a tensor ``logit_scale`` is positive, and raise a ``ValueError`` naming the bad input
+            otherwise. The check is skipped inside ``torch.compile``.
+    """
+
+    def __init__(self, *, normalize: bool = False, validate_values: bool = True) -> None:
+        super().__init__()
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {normalize!r}.")
+        if not isinstance(validate_values, bool):
+            raise TypeError(f"validate_values must be a bool, got {validate_values!r}.")
+        self.normalize = normalize
+        self.validate_values = validate_values
+
+    @staticmethod
+    def get_logits(image_features: Tensor, text_features: Tensor, logit_scale: Union[float, Tensor]) -> tuple[Tensor, Tensor]:
+        """Return ``(logits_per_image, logits_per_text)``, each ``(N, N)`` float32, the second the transpose of the first."""
+        logits_per_image = logit_scale * (image_features.float() @ text_features.float().T)
+        return logits_per_image, logits_per_image.T
+
+    @staticmethod
+    def get_ground_truth(num_logits: int, device: torch.device) -> Tensor:
+        """Return the ``(N,)`` int64 targets ``arange(N)``: pair ``i`` is row ``i`` of both inputs."""
+        return torch.arange(num_logits, device=device, dtype=torch.long)
+
+    @staticmethod
+    def format_output(output: ContrastiveLossOutput, output_dict: bool, return_details: bool) -> LossResult:
+        """Return the plain loss, open_clip's ``{"contrastive_loss": loss}``, the dataclass, or a flat dict of it."""
+        if return_details and output_dict:
+            return output.to_dict()
+        if return_details:
+            return output
+        if output_dict:
+            return {"contrastive_loss": output.loss}
+        return output.loss
+
+    def extra_repr(self) -> str:
+        return f"normalize={self.normalize}"
