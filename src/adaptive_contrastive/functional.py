@@ -23,7 +23,7 @@ from ._validation import (
     raise_for_invalid_values,
     values_are_valid,
 )
-from .dense import ContrastiveTerms, symmetric_terms
+from .dense import ContrastiveTerms, direction_terms, positive_mask_from_ids, symmetric_terms
 from .outputs import ContrastiveLossOutput
 from .statistics import DirectionSummary, summarize
 from .weighting import (
@@ -103,6 +103,44 @@ def compute_terms(
     """
     return symmetric_terms(
         image_features, text_features, logit_scale, image_ids=image_ids, need_statistics=need_statistics
+    )
+
+
+def compute_direction_terms(
+    query_features: Tensor,
+    key_features: Tensor,
+    logit_scale: ScaleLike,
+    *,
+    targets: Optional[Tensor] = None,
+    query_ids: Optional[Tensor] = None,
+    key_ids: Optional[Tensor] = None,
+    need_statistics: bool = True,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Compute one direction's loss, softmax over keys, for ``n`` queries against ``M`` keys.
+
+    This is the building block of the local-loss mode of distributed training, where each rank scores its
+    own queries against the keys of all ranks.
+
+    Args:
+        query_features: ``(n, D)`` floating tensor.
+        key_features: ``(M, D)`` floating tensor.
+        logit_scale: positive float or 0-d float32 tensor.
+        targets: ``(n,)`` int64 column of each query's positive; defaults to ``arange(n)``.
+        query_ids: optional ``(n,)`` integer group ids; with ``key_ids``, equal ids are positives.
+        key_ids: optional ``(M,)`` integer group ids.
+        need_statistics: also compute the detached ``(NUM_SUMS,)`` sums.
+
+    Returns:
+        ``(loss, sums)``: the 0-d mean row loss and the sums or ``None``.
+    """
+    similarities = query_features.float() @ key_features.float().T
+
+    positive_mask = None
+    if query_ids is not None and key_ids is not None:
+        positive_mask = positive_mask_from_ids(query_ids, key_ids)
+
+    return direction_terms(
+        similarities, logit_scale, targets=targets, positive_mask=positive_mask, need_statistics=need_statistics
     )
 
 
