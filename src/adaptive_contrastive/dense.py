@@ -119,9 +119,11 @@ def symmetric_terms(
         need_statistics: also return the detached sums.
 
     Returns:
-        :class:`ContrastiveTerms` with float32 losses.
+        :class:`ContrastiveTerms` with float32 losses, or float64 for float64 inputs.
     """
-    similarities = image_features.float() @ text_features.float().T
+    # float16 and bfloat16 are promoted to float32, but float64 stays float64 so that gradcheck can run.
+    compute_dtype = torch.promote_types(image_features.dtype, torch.float32)
+    similarities = image_features.to(compute_dtype) @ text_features.to(compute_dtype).T
 
     positive_mask = None
     if image_ids is not None:

@@ -64,7 +64,7 @@ def prepare_inputs(
     image_ids: Optional[Tensor] = None,
     normalize: bool = False,
 ) -> tuple[Tensor, Tensor, ScaleLike]:
-    """Validate the inputs and return the features (normalised if asked) and a float32 scale.
+    """Validate the inputs and return the features (normalised if asked) and a float32 or float64 scale.
 
     Raises:
         TypeError, ValueError: on any invalid shape, dtype, device or Python-number ``logit_scale``.
@@ -76,11 +76,15 @@ def prepare_inputs(
     if image_features.shape[0] == 1:
         _warn_batch_of_one()
 
+    # float16 and bfloat16 are promoted to float32, but float64 stays float64 so that gradcheck can run.
     if normalize:
-        image_features = F.normalize(image_features.float(), dim=-1)
-        text_features = F.normalize(text_features.float(), dim=-1)
+        image_features = F.normalize(image_features.to(torch.promote_types(image_features.dtype, torch.float32)), dim=-1)
+        text_features = F.normalize(text_features.to(torch.promote_types(text_features.dtype, torch.float32)), dim=-1)
 
-    scale: ScaleLike = float(logit_scale) if not isinstance(logit_scale, Tensor) else logit_scale.reshape(()).float()
+    if isinstance(logit_scale, Tensor):
+        scale: ScaleLike = logit_scale.reshape(()).to(torch.promote_types(logit_scale.dtype, torch.float32))
+    else:
+        scale = float(logit_scale)
     return image_features, text_features, scale
 
 
@@ -133,7 +137,8 @@ def compute_direction_terms(
     Returns:
         ``(loss, sums)``: the 0-d mean row loss and the sums or ``None``.
     """
-    similarities = query_features.float() @ key_features.float().T
+    compute_dtype = torch.promote_types(query_features.dtype, torch.float32)
+    similarities = query_features.to(compute_dtype) @ key_features.to(compute_dtype).T
 
     positive_mask = None
     if query_ids is not None and key_ids is not None:
