@@ -67,10 +67,13 @@ def check_logit_scale(logit_scale: object, device: torch.device) -> None:
     if isinstance(logit_scale, Tensor):
         if logit_scale.numel() != 1:
             raise ValueError(
-                f"logit_scale must be a scalar (0-d or one-element tensor), got {_describe(logit_scale)}."
+                f"logit_scale must be a scalar (0-d or one-element tensor), got {_describe(logit_scale)}. "
+                f"Pass one multiplier for the whole batch."
             )
         if not logit_scale.is_floating_point():
-            raise TypeError(f"logit_scale must have a floating dtype, got {_describe(logit_scale)}.")
+            raise TypeError(
+                f"logit_scale must have a floating dtype, got {_describe(logit_scale)}. Convert it with logit_scale.float()."
+            )
         if logit_scale.device != device:
             raise ValueError(
                 f"logit_scale is on {logit_scale.device} but the features are on {device}. "
