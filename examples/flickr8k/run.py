@@ -1,0 +1,273 @@
+"""Train and evaluate image-text alignment on Flickr8k with each loss and write the comparison.
+
+Run from the repository root:
+
+    .venv/bin/python examples/flickr8k/run.py --data-dir ../shared/flickr8k
+
+See docs/flickr8k.md for the studies, the metric definitions and the output files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    # Started as a script: make "examples.flickr8k" importable from the repository root.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+
+from examples.flickr8k import report
+from examples.flickr8k.data import DATA_DIR_ENV, LAYOUTS, load_flickr8k, resolve_data_dir
+from examples.flickr8k.download import DEFAULT_MIRROR_URL, download_flickr8k, parse_checksums
+from examples.flickr8k.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
+from examples.flickr8k.experiment import (
+    FeatureSource,
+    ablation_specs,
+    check_losses,
+    comparison_specs,
+    eval_subset,
+    run_all,
+    sample_efficiency_specs,
+    train_subset,
+)
+from examples.flickr8k.features import DEFAULT_CACHE_DIR
+from examples.flickr8k.noise import NoiseSetting
+from examples.flickr8k.train import LOSS_NAMES, TrainConfig
+
+logger = logging.getLogger("examples.flickr8k")
+
+STUDIES = ("compare", "noise", "sample-efficiency", "ablations", "all", "extract")
+DEFAULT_NOISE = "clean,swap:0.2,swap:0.5"
+STRESS_NOISE = "clean,swap:0.2,swap:0.5,words:0.1,words:0.3,pixels:0.25,pixels:0.5"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser; every option states its unit or format."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-dir", help=f"Flickr8k folder (path); defaults to ${DATA_DIR_ENV}.")
+    data.add_argument("--layout", choices=LAYOUTS, default="auto",
+                      help="dataset layout: original archives, Kaggle (Images/ + captions.txt) or Karpathy JSON.")
+    data.add_argument("--download", action="store_true",
+                      help="download and unpack the two published archives into --data-dir first.")
+    data.add_argument("--mirror-url", default=DEFAULT_MIRROR_URL,
+                      help="base URL (http or https) of the archives for --download.")
+    data.add_argument("--sha256", action="append", default=[], metavar="NAME=DIGEST",
+                      help="expected SHA-256 (64 hex digits) of an archive file; repeat for each archive.")
+    data.add_argument("--download-timeout", type=float, default=60.0, help="socket timeout for --download, in seconds.")
+    data.add_argument("--train-images", type=int, default=1000,
+                      help="size of the seeded low-data subset of the 6,000-image train split, in images "
+                           "(5 captions each); 0 uses the whole split.")
+    data.add_argument("--eval-images", type=int, default=0,
+                      help="limit dev and test to this many images for quick checks, in images; "
+                           "0 uses the full 1,000-image splits (required for reportable results).")
+    data.add_argument("--data-seed", type=int, default=0,
+                      help="seed (integer) of the training subset and the noise pattern, shared by all runs.")
+
+    study = parser.add_argument_group("study")
+    study.add_argument("--study", choices=STUDIES, default="compare",
+                       help="compare: every loss on --noise settings; noise: the full stress test "
+                            f"({STRESS_NOISE}); sample-efficiency: R@5 against --sample-sizes; "
+                            "ablations: VarianceAwareInfoNCE options; all: every study; extract: features only.")
+    study.add_argument("--losses", default=",".join(LOSS_NAMES),
+                       help="comma-separated losses; must include the baseline 'symmetric'.")
+    study.add_argument("--seeds", type=int, default=5, help="number of seeds per configuration (seeds 0..N-1).")
+    study.add_argument("--noise", default=DEFAULT_NOISE,
+                       help="comma-separated training-data settings for --study compare: clean, swap:<fraction "
+                            "of pairs>, words:<per-word probability>, pixels:<fraction of images>.")
+    study.add_argument("--pixel-sigma", type=float, default=0.3,
+                       help="standard deviation of the Gaussian pixel noise, in pixel units on a [0, 1] scale.")
+    study.add_argument("--sample-sizes", default="500,1000,2000,6000",
+                       help="comma-separated training-set sizes for the sample-efficiency curve, in images.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--epochs", type=int, default=15, help="training epochs per run (passes over all pairs).")
+    training.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step.")
+    training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate.")
+    training.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the heads.")
+    training.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of all steps.")
+    training.add_argument("--head", choices=("mlp", "linear"), default="mlp", help="projection head type.")
+    training.add_argument("--embed-dim", type=int, default=256, help="shared embedding size, in dimensions.")
+    training.add_argument("--hidden-dim", type=int, default=512, help="hidden layer size of the MLP heads, in units.")
+    training.add_argument("--dropout", type=float, default=0.1, help="dropout probability in the MLP heads.")
+    training.add_argument("--decay", type=float, default=0.9,
+                          help="EMA decay in [0, 1) of the adaptive losses' batch statistics.")
+
+    system = parser.add_argument_group("features and system")
+    system.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER,
+                        help="frozen image encoder: 'efficientnet-lite0' or 'timm:<model name>'.")
+    system.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
+                        help="frozen caption encoder: 'all-MiniLM-L6-v2' or 'sentence-transformers:<local folder>'.")
+    system.add_argument("--feature-scope", choices=("all", "needed"), default="all",
+                        help="extract features of the whole dataset once (all) or only of the images a run uses.")
+    system.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (path).")
+    system.add_argument("--image-batch-size", type=int, default=64, help="images per encoder forward pass.")
+    system.add_argument("--text-batch-size", type=int, default=256, help="captions per encoder forward pass.")
+    system.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default.")
+    system.add_argument("--output-dir", type=Path, default=None,
+                        help="results folder (path); default examples/flickr8k/runs/<UTC timestamp>.")
+    system.add_argument("--no-plots", action="store_true", help="skip the PNG figures.")
+    system.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        help="logging level.")
+    return parser
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SystemExit(f"Invalid {option} {text!r}: expected comma-separated integers.") from None
+
+
+def machine_description() -> dict[str, Any]:
+    """Return the CPU model, core count, Python and torch versions for the result files."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True, timeout=10).stdout
+        cpu = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), cpu)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_study(name: str, records: list[dict[str, Any]], results: dict, rows: list[dict[str, Any]],
+                output_dir: Path, meta: dict[str, Any]) -> str:
+    """Write a study's JSON, CSV and markdown table; return the markdown section."""
+    report.write_records(records, output_dir, f"{name}-runs")
+    report.write_json(
+        {**meta, "study": name, "runs": records, "summary": rows,
+         "curves": {run_id: {"steps": result.steps, "epochs": result.epochs} for run_id, result in results.items()}},
+        output_dir / f"{name}.json",
+    )
+    section = [f"## {name}", "", report.markdown_table(rows), ""]
+    section += [f"- {sentence}" for sentence in report.headline(rows)]
+    text = "\n".join(section) + "\n"
+    (output_dir / f"{name}.md").write_text(text, encoding="utf-8")
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    data_dir = resolve_data_dir(args.data_dir)
+    if args.download:
+        download_flickr8k(data_dir, args.mirror_url, parse_checksums(args.sha256), timeout=args.download_timeout)
+    dataset = load_flickr8k(data_dir, args.layout)
+
+    losses = check_losses([loss.strip() for loss in args.losses.split(",") if loss.strip()])
+    seeds = list(range(args.seeds))
+    if not seeds:
+        raise SystemExit("Invalid --seeds 0: need at least one seed.")
+    settings = [NoiseSetting.parse(text) for text in (STRESS_NOISE if args.study == "noise" else args.noise).split(",")]
+    sample_sizes = _int_list(args.sample_sizes, "--sample-sizes")
+    main_size = args.train_images or len(dataset.splits["train"])
+    sizes = sorted({main_size} | (set(sample_sizes) if args.study in ("sample-efficiency", "all") else set()))
+    train_sets = {size: train_subset(dataset.splits["train"], size, args.data_seed) for size in sizes}
+    train_sets = {size: images for size, images in train_sets.items()}
+    dev_images = eval_subset(dataset.splits["dev"], args.eval_images or None, args.data_seed)
+    test_images = eval_subset(dataset.splits["test"], args.eval_images or None, args.data_seed)
+
+    needed = np.concatenate([dev_images, test_images, *train_sets.values()])
+    source = FeatureSource(
+        dataset, args.cache_dir, args.image_encoder, args.text_encoder, needed, args.feature_scope,
+        args.pixel_sigma, args.data_seed, args.image_batch_size, args.text_batch_size,
+    )
+    extract_started = time.perf_counter()
+    source.load_clean()
+    extract_seconds = time.perf_counter() - extract_started
+    logger.info("Clean features ready in %.1f s.", extract_seconds)
+    if args.study == "extract":
+        return 0
+
+    output_dir = args.output_dir or REPO_ROOT / "examples" / "flickr8k" / "runs" / datetime.datetime.now(
+        datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
+        warmup_fraction=args.warmup, embed_dim=args.embed_dim, hidden_dim=args.hidden_dim, head=args.head,
+        dropout=args.dropout, decay=args.decay,
+    )
+    dev = source.eval_data(dev_images)
+    test = source.eval_data(test_images)
+    meta = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(argv),
+        "arguments": {key: str(value) for key, value in vars(args).items()},
+        "machine": machine_description(),
+        "dataset": {"root": str(dataset.root), "layout": dataset.layout, "images": len(dataset.image_names),
+                    "captions": len(dataset.captions), "skipped_captions": dataset.skipped_captions,
+                    "dev_images": len(dev_images), "test_images": len(test_images),
+                    "test_captions": len(test.caption_image)},
+        "config": vars(config),
+    }
+    logger.info("Writing results to %s.", output_dir)
+
+    studies = ["compare", "sample-efficiency", "ablations"] if args.study == "all" else [args.study]
+    markdown = [f"# Flickr8k results\n\nCommand: `{meta['command']}`\n"]
+    timings = {"feature_extraction_or_cache_load_seconds": round(extract_seconds, 1)}
+    for study in studies:
+        study_started = time.perf_counter()
+        if study in ("compare", "noise"):
+            study_settings = settings if study == "compare" else [NoiseSetting.parse(t) for t in STRESS_NOISE.split(",")]
+            specs = comparison_specs(study, study_settings, losses, seeds, main_size)
+        elif study == "sample-efficiency":
+            specs = sample_efficiency_specs(sorted(sample_sizes), losses, seeds)
+        else:
+            specs = ablation_specs(seeds, main_size, NoiseSetting("clean"))
+
+        records, results, noise_summaries = run_all(specs, source, train_sets, dev, test, config)
+        group_key = "variant" if study == "ablations" else "loss"
+        rows = report.summarize(records, group_key)
+        study_meta = {**meta, "noise": noise_summaries}
+        markdown.append(write_study(study, records, results, rows, output_dir, study_meta))
+
+        if not args.no_plots:
+            if study in ("compare", "noise"):
+                report.plot_loss_curves(results, records, output_dir / f"{study}-loss-curves.png")
+                report.plot_noisy_recall(rows, records, output_dir / f"{study}-r5-after-noisy-training.png")
+                report.plot_weight_trajectories(results, records, output_dir / f"{study}-weight-trajectories.png")
+                report.plot_tsne(results, test.caption_image.numpy(), output_dir / f"{study}-tsne.png")
+            elif study == "sample-efficiency":
+                report.plot_sample_efficiency(rows, output_dir / "sample-efficiency.png")
+            else:
+                report.plot_ablations(rows, output_dir / "ablations.png")
+        timings[f"{study}_seconds"] = round(time.perf_counter() - study_started, 1)
+        logger.info("Study %s finished in %.1f s.", study, timings[f"{study}_seconds"])
+
+    timings["total_seconds"] = round(time.perf_counter() - started, 1)
+    report.write_json({**meta, "timings": timings}, output_dir / "run-info.json")
+    (output_dir / "summary.md").write_text("\n".join(markdown), encoding="utf-8")
+    logger.info("Done in %.1f s; summary in %s.", timings["total_seconds"], output_dir / "summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
