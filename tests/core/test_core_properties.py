@@ -43,6 +43,15 @@ def statistic_pair(details):
     return torch.stack([details.statistic_i2t, details.statistic_t2i])
 
 
+# Absolute rounding noise of a variance computed from float32 sums; see the NOTE in statistics._variance.
+STATISTIC_NOISE = 1e-5
+
+
+def weight_tolerance(statistic):
+    # w_i2t = 2 c_i2t / (c_i2t + c_t2i) moves by at most about 2 / min(c) per unit change of a statistic.
+    return 1e-5 + 2 * STATISTIC_NOISE / statistic.min().clamp_min(STATISTIC_NOISE).item()
+
+
 @pytest.mark.filterwarnings("ignore:InfoNCE on a batch of one pair")
 @pytest.mark.parametrize("loss_class", ADAPTIVE_CLASSES, ids=lambda c: c.__name__)
 @SETTINGS
@@ -74,9 +83,10 @@ def test_common_permutation_invariance(loss_class, batch, logit_scale):
     expected = loss_class()(image, text, logit_scale, return_details=True)
     actual = loss_class()(image[permutation], text[permutation], logit_scale, return_details=True)
 
+    tolerance = weight_tolerance(statistic_pair(expected))
     assert torch.allclose(actual.loss, expected.loss, rtol=1e-6, atol=1e-9)
-    assert torch.allclose(weight_pair(actual), weight_pair(expected), rtol=1e-5, atol=1e-6)
-    assert torch.allclose(statistic_pair(actual), statistic_pair(expected), rtol=1e-4, atol=1e-6)
+    assert torch.allclose(weight_pair(actual), weight_pair(expected), rtol=0, atol=tolerance)
+    assert torch.allclose(statistic_pair(actual), statistic_pair(expected), rtol=1e-4, atol=STATISTIC_NOISE)
 
 
 @pytest.mark.parametrize("loss_class", ADAPTIVE_CLASSES, ids=lambda c: c.__name__)
@@ -90,11 +100,12 @@ def test_swap_modalities_swaps_directions(loss_class, batch, logit_scale):
 
     assert torch.allclose(swapped.loss_i2t, forward.loss_t2i, rtol=1e-9, atol=1e-12)
     assert torch.allclose(swapped.loss_t2i, forward.loss_i2t, rtol=1e-9, atol=1e-12)
-    assert torch.allclose(swapped.statistic_i2t, forward.statistic_t2i, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(swapped.statistic_t2i, forward.statistic_i2t, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(swapped.weight_i2t, forward.weight_t2i, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(swapped.weight_t2i, forward.weight_i2t, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(swapped.loss, forward.loss, rtol=1e-6, atol=1e-9)
+    tolerance = weight_tolerance(statistic_pair(forward))
+    assert torch.allclose(swapped.statistic_i2t, forward.statistic_t2i, rtol=1e-4, atol=STATISTIC_NOISE)
+    assert torch.allclose(swapped.statistic_t2i, forward.statistic_i2t, rtol=1e-4, atol=STATISTIC_NOISE)
+    assert torch.allclose(swapped.weight_i2t, forward.weight_t2i, rtol=0, atol=tolerance)
+    assert torch.allclose(swapped.weight_t2i, forward.weight_i2t, rtol=0, atol=tolerance)
+    assert torch.allclose(swapped.loss, forward.loss, rtol=tolerance, atol=1e-9)
 
 
 @SETTINGS
