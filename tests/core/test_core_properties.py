@@ -43,7 +43,7 @@ def statistic_pair(details):
     return torch.stack([details.statistic_i2t, details.statistic_t2i])
 
 
-# Absolute rounding noise of a variance computed from float32 sums; see the NOTE in statistics._variance.
+# Absolute rounding noise of a variance computed from float32 sums, as the NOTE in statistics._variance says.
 STATISTIC_NOISE = 1e-5
 
 

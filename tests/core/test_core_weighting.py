@@ -31,7 +31,7 @@ def weight_pair(details):
 
 
 # Images e1, e2 and texts e1, e1 at logit_scale 1 give S = [[1, 1], [0, 0]]. The image rows [1, 1] and
-# [0, 0] are flat; the text columns are [1, 0] and [1, 0], with the positive at index 0 and 1.
+# [0, 0] are flat. The text columns are [1, 0] and [1, 0], with the positive at index 0 and 1.
 HAND_IMAGE = torch.eye(2)
 HAND_TEXT = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
 SIGMOID_1 = 1.0 / (1.0 + math.exp(-1.0))
@@ -42,7 +42,7 @@ def test_hand_2x2_summary_sums():
     summary = details.summary
     binary_entropy = -(SIGMOID_1 * math.log(SIGMOID_1) + (1 - SIGMOID_1) * math.log(1 - SIGMOID_1))
 
-    # Per-text losses a and 1 + a have population variance 1/4; the flat image rows have none.
+    # Per-text losses a and 1 + a have population variance 1/4, and the flat image rows have none.
     assert summary.log_prob_variance.tolist() == pytest.approx([0.0, 0.25], abs=1e-6)
     # Positive probabilities 1/2, 1/2 for images and sigmoid(1), 1 - sigmoid(1) for texts.
     assert summary.prob_variance.tolist() == pytest.approx([0.0, (SIGMOID_1 - 0.5) ** 2], abs=1e-6)
