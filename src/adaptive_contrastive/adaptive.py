@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,9 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         eps: added to the statistic before mapping, so that two zero statistics give equal weights.
         normalize: L2-normalise both inputs in float32 first.
         validate_values: raise on non-finite inputs or a non-positive tensor ``logit_scale``.
+        local_loss, gather_with_grad, rank, world_size, process_group: distributed training options, see
+            :class:`~adaptive_contrastive.ContrastiveLoss`. With several ranks the statistic comes from
+            the global batch, so the weights and the buffers are identical on every rank.
 
     Shape:
         - image_features: ``(N, D)``, any floating dtype.
@@ -65,8 +68,21 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         eps: float = 1e-8,
         normalize: bool = False,
         validate_values: bool = True,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        process_group: Optional[Any] = None,
     ) -> None:
-        super().__init__(normalize=normalize, validate_values=validate_values)
+        super().__init__(
+            normalize=normalize,
+            validate_values=validate_values,
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=rank,
+            world_size=world_size,
+            process_group=process_group,
+        )
         mapping = self.default_mapping if mapping is None else mapping
         check_weighting_options(
             decay=decay, mapping=mapping, power=power, weight_bounds=weight_bounds, warmup_steps=warmup_steps, eps=eps
@@ -103,11 +119,14 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         *,
         image_ids: Optional[Tensor] = None,
         return_details: bool = False,
+        batch_sizes: Optional[Sequence[int]] = None,
     ) -> LossResult:
         """Compute the loss and, in training mode, update the moving average.
 
         Returns the 0-d loss; ``{"contrastive_loss": loss}`` with ``output_dict``; a
-        :class:`ContrastiveLossOutput` with ``return_details``; a flat dict with both.
+        :class:`ContrastiveLossOutput` with ``return_details``; a flat dict with both. In distributed
+        training, ``batch_sizes`` (every rank's batch size in rank order, the same list on every rank)
+        skips the ``all_gather`` that otherwise exchanges the sizes each step.
         """
         output = adaptive_info_nce(
             image_features,
@@ -128,6 +147,8 @@ class AdaptiveInfoNCE(ContrastiveLoss):
             warmup_steps=self.warmup_steps,
             return_details=True if return_details else False,
             validate_values=self.validate_values,
+            batch_sizes=batch_sizes,
+            **self.distributed_options(),
         )
         if isinstance(output, ContrastiveLossOutput):
             return self.format_output(output, output_dict, return_details)

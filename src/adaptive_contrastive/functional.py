@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from ._validation import (
     values_are_valid,
 )
 from .dense import ContrastiveTerms, direction_terms, positive_mask_from_ids, symmetric_terms
+from .distributed import compute_batch_terms, prepare_batch
 from .outputs import ContrastiveLossOutput
 from .statistics import DirectionSummary, summarize
 from .weighting import (
@@ -63,8 +64,12 @@ def prepare_inputs(
     *,
     image_ids: Optional[Tensor] = None,
     normalize: bool = False,
+    global_batch_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, ScaleLike]:
     """Validate the inputs and return the features (normalised if asked) and a float32 or float64 scale.
+
+    ``global_batch_size`` is the number of pairs over all ranks in distributed training. The warning
+    about a batch of one pair reads it, because a single local pair is fine when other ranks add more.
 
     Raises:
         TypeError, ValueError: on any invalid shape, dtype, device or Python-number ``logit_scale``.
@@ -73,7 +78,7 @@ def prepare_inputs(
     check_logit_scale(logit_scale, image_features.device)
     check_image_ids(image_ids, image_features.shape[0], image_features.device)
 
-    if image_features.shape[0] == 1:
+    if (image_features.shape[0] if global_batch_size is None else global_batch_size) == 1:
         _warn_batch_of_one()
 
     # float16 and bfloat16 are promoted to float32, but float64 stays float64 so that gradcheck can run.
@@ -192,6 +197,12 @@ def symmetric_info_nce(
     normalize: bool = False,
     return_details: bool = False,
     validate_values: bool = True,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    process_group: Optional[Any] = None,
+    batch_sizes: Optional[Sequence[int]] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Compute the fixed-weight symmetric InfoNCE loss ``0.5 * (w_i2t * L_i2t + w_t2i * L_t2i)``.
 
@@ -208,18 +219,30 @@ def symmetric_info_nce(
         normalize: L2-normalise both inputs in float32 first.
         return_details: return a :class:`ContrastiveLossOutput` in place of the 0-d loss.
         validate_values: raise on non-finite inputs or a non-positive tensor ``logit_scale``.
+        local_loss, gather_with_grad, rank, world_size, process_group, batch_sizes: distributed training
+            options, described in :class:`~adaptive_contrastive.ContrastiveLoss` and
+            :mod:`adaptive_contrastive.distributed`. Without an initialised process group they change nothing.
 
     Returns:
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
     """
     _check_fixed_weights(weights)
-    image_features, text_features, scale = prepare_inputs(
-        image_features, text_features, logit_scale, image_ids=image_ids, normalize=normalize
+    group_info, batch, scale = prepare_batch(
+        image_features,
+        text_features,
+        logit_scale,
+        image_ids=image_ids,
+        normalize=normalize,
+        gather_with_grad=gather_with_grad,
+        rank=rank,
+        world_size=world_size,
+        process_group=process_group,
+        batch_sizes=batch_sizes,
     )
 
-    terms = compute_terms(image_features, text_features, scale, image_ids=image_ids, need_statistics=return_details)
+    terms = compute_batch_terms(batch, scale, group_info, local_loss=local_loss, need_statistics=return_details)
     if validate_values:
-        check_values(terms, image_features, text_features, logit_scale, image_ids)
+        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 
     weight_tensor = torch.tensor(weights, dtype=torch.float32, device=terms.loss_i2t.device)
     loss = combine(terms, weight_tensor)
@@ -256,6 +279,12 @@ def adaptive_info_nce(
     warmup_steps: int = 0,
     return_details: bool = False,
     validate_values: bool = True,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    process_group: Optional[Any] = None,
+    batch_sizes: Optional[Sequence[int]] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Compute ``0.5 * (w_i2t * L_i2t + w_t2i * L_t2i)`` with weights set by a difficulty statistic.
 
@@ -279,19 +308,32 @@ def adaptive_info_nce(
         warmup_steps: blend from equal weights over this many updates.
         return_details: return a :class:`ContrastiveLossOutput` in place of the 0-d loss.
         validate_values: raise on non-finite inputs or a non-positive tensor ``logit_scale``.
+        local_loss, gather_with_grad, rank, world_size, process_group, batch_sizes: distributed training
+            options, described in :class:`~adaptive_contrastive.ContrastiveLoss` and
+            :mod:`adaptive_contrastive.distributed`. With several ranks the statistic is that of the
+            global batch on every rank, so the weights and the buffers stay identical across ranks.
 
     Returns:
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
     """
     if (ema_statistic is None) != (ema_step is None):
         raise ValueError("ema_statistic and ema_step must be passed together or not at all.")
-    image_features, text_features, scale = prepare_inputs(
-        image_features, text_features, logit_scale, image_ids=image_ids, normalize=normalize
+    group_info, batch, scale = prepare_batch(
+        image_features,
+        text_features,
+        logit_scale,
+        image_ids=image_ids,
+        normalize=normalize,
+        gather_with_grad=gather_with_grad,
+        rank=rank,
+        world_size=world_size,
+        process_group=process_group,
+        batch_sizes=batch_sizes,
     )
 
-    terms = compute_terms(image_features, text_features, scale, image_ids=image_ids, need_statistics=True)
+    terms = compute_batch_terms(batch, scale, group_info, local_loss=local_loss, need_statistics=True)
     if validate_values:
-        check_values(terms, image_features, text_features, logit_scale, image_ids)
+        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 
     assert terms.sums is not None
     summary = summarize(terms.sums)

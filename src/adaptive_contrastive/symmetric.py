@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from torch import Tensor
 
@@ -27,6 +27,8 @@ class SymmetricInfoNCE(ContrastiveLoss):
         weights: ``(w_i2t, w_t2i)``, two numbers >= 0 and not both 0. Default ``(1.0, 1.0)``.
         normalize: L2-normalise both inputs in float32 first.
         validate_values: raise on non-finite inputs or a non-positive tensor ``logit_scale``.
+        local_loss, gather_with_grad, rank, world_size, process_group: distributed training options, see
+            :class:`~adaptive_contrastive.ContrastiveLoss`.
 
     Shape:
         - image_features: ``(N, D)``, any floating dtype.
@@ -47,8 +49,21 @@ class SymmetricInfoNCE(ContrastiveLoss):
         *,
         normalize: bool = False,
         validate_values: bool = True,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        process_group: Optional[Any] = None,
     ) -> None:
-        super().__init__(normalize=normalize, validate_values=validate_values)
+        super().__init__(
+            normalize=normalize,
+            validate_values=validate_values,
+            local_loss=local_loss,
+            gather_with_grad=gather_with_grad,
+            rank=rank,
+            world_size=world_size,
+            process_group=process_group,
+        )
         _check_fixed_weights(weights)
         self.weights = (float(weights[0]), float(weights[1]))
 
@@ -61,8 +76,13 @@ class SymmetricInfoNCE(ContrastiveLoss):
         *,
         image_ids: Optional[Tensor] = None,
         return_details: bool = False,
+        batch_sizes: Optional[Sequence[int]] = None,
     ) -> LossResult:
-        """Compute the loss; see the class docstring for shapes and :meth:`format_output` for the result."""
+        """Compute the loss; see the class docstring for shapes and :meth:`format_output` for the result.
+
+        In distributed training, ``batch_sizes`` (every rank's batch size in rank order, the same list on
+        every rank) skips the ``all_gather`` that otherwise exchanges the sizes each step.
+        """
         output = symmetric_info_nce(
             image_features,
             text_features,
@@ -72,6 +92,8 @@ class SymmetricInfoNCE(ContrastiveLoss):
             normalize=self.normalize,
             return_details=True if return_details else False,
             validate_values=self.validate_values,
+            batch_sizes=batch_sizes,
+            **self.distributed_options(),
         )
         if isinstance(output, ContrastiveLossOutput):
             return self.format_output(output, output_dict, return_details)
