@@ -22,7 +22,7 @@ class ContrastiveTerms(NamedTuple):
     Attributes:
         loss_i2t: 0-d float32 image->text loss, the mean over image rows of the row cross-entropy (nats).
         loss_t2i: 0-d float32 text->image loss, the mean over text rows (nats).
-        sums: ``(2, NUM_SUMS)`` detached float32 sums (row 0 image->text, row 1 text->image), or
+        sums: ``(2, NUM_SUMS)`` detached float64 sums (row 0 image->text, row 1 text->image), or
             ``None`` when statistics were not requested. See :mod:`adaptive_contrastive.statistics`.
     """
 

@@ -48,6 +48,16 @@ IMAGE_TO_TEXT = 0
 TEXT_TO_IMAGE = 1
 
 
+def sums_dtype(device: torch.device) -> torch.dtype:
+    """Return the accumulation dtype of the sums: float64, or float32 on MPS, which has no float64.
+
+    Variances come from ``E[x^2] - E[x]^2``. With per-row losses near ``log N`` (a near-uniform softmax)
+    float32 sums cancel to about 1e-6 of noise, which would outweigh a real variance of 1e-9; float64
+    sums keep that noise near 1e-14 for float32 per-row values.
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def row_sums(
     row_loss: Tensor,
     positive_prob: Tensor,
@@ -65,11 +75,13 @@ def row_sums(
         spread: ``(n,)`` population standard deviation of each row's logits divided by the logit scale.
 
     Returns:
-        ``(NUM_SUMS,)`` float32 tensor laid out as described in the module docstring.
+        ``(NUM_SUMS,)`` tensor laid out as described in the module docstring, in float64 (float32 on MPS,
+        which has no float64).
     """
-    row_loss = row_loss.float()
-    positive_prob = positive_prob.float()
-    margin = margin.float()
+    dtype = sums_dtype(row_loss.device)
+    row_loss = row_loss.to(dtype)
+    positive_prob = positive_prob.to(dtype)
+    margin = margin.to(dtype)
     count = torch.full_like(row_loss[:1], float(row_loss.shape[0])).squeeze(0)
 
     return torch.stack(
@@ -81,8 +93,8 @@ def row_sums(
             positive_prob.square().sum(),
             margin.sum(),
             margin.square().sum(),
-            entropy.float().sum(),
-            spread.float().sum(),
+            entropy.to(dtype).sum(),
+            spread.to(dtype).sum(),
         ]
     )
 
@@ -109,8 +121,6 @@ def _variance(sums: Tensor, value_index: int, square_index: int, count: Tensor) 
     mean_of_squares = sums[..., square_index] / count
 
     # E[x^2] - E[x]^2 can round to a tiny negative number when all rows are equal.
-    # NOTE: in float32 this difference has an absolute rounding error of about 1e-6 when the values are
-    # near log N (a near-uniform softmax), so variances below about 1e-5 are noise, not signal.
     return (mean_of_squares - mean.square()).clamp_min(0.0)
 
 
@@ -120,15 +130,18 @@ def summarize(sums: Tensor) -> DirectionSummary:
     The per-row alignment whose variance ``log_prob_variance`` measures is the mean log-probability of the
     positives, which is ``-l_i``, so its variance equals the variance of the per-row losses.
     """
-    sums = sums.detach().float()
+    sums = sums.detach()
+    if sums.dtype != torch.float64 and sums.device.type != "mps":
+        sums = sums.double()
     count = sums[..., COUNT].clamp_min(1.0)
 
+    # The differences are taken in the sums' dtype; only the results are rounded to float32.
     return DirectionSummary(
-        count=sums[..., COUNT],
-        mean_loss=sums[..., LOSS] / count,
-        log_prob_variance=_variance(sums, LOSS, LOSS_SQ, count),
-        prob_variance=_variance(sums, PROB, PROB_SQ, count),
-        logit_variance=_variance(sums, MARGIN, MARGIN_SQ, count),
-        mean_entropy=sums[..., ENTROPY] / count,
-        mean_spread=sums[..., SPREAD] / count,
+        count=sums[..., COUNT].float(),
+        mean_loss=(sums[..., LOSS] / count).float(),
+        log_prob_variance=_variance(sums, LOSS, LOSS_SQ, count).float(),
+        prob_variance=_variance(sums, PROB, PROB_SQ, count).float(),
+        logit_variance=_variance(sums, MARGIN, MARGIN_SQ, count).float(),
+        mean_entropy=(sums[..., ENTROPY] / count).float(),
+        mean_spread=(sums[..., SPREAD] / count).float(),
     )
