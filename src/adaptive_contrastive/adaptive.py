@@ -45,6 +45,8 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         local_loss, gather_with_grad, rank, world_size, process_group: distributed training options, see
             :class:`~adaptive_contrastive.ContrastiveLoss`. With several ranks the statistic comes from
             the global batch, so the weights and the buffers are identical on every rank.
+        chunk_size: ``None`` for the dense paths, or the rows per chunk of the memory-efficient chunked
+            path (extra memory ``O(N * chunk_size)``), see :class:`~adaptive_contrastive.ContrastiveLoss`.
 
     Shape:
         - image_features: ``(N, D)``, any floating dtype.
@@ -73,6 +75,7 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         process_group: Optional[Any] = None,
+        chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__(
             normalize=normalize,
@@ -82,6 +85,7 @@ class AdaptiveInfoNCE(ContrastiveLoss):
             rank=rank,
             world_size=world_size,
             process_group=process_group,
+            chunk_size=chunk_size,
         )
         mapping = self.default_mapping if mapping is None else mapping
         check_weighting_options(
@@ -148,6 +152,7 @@ class AdaptiveInfoNCE(ContrastiveLoss):
             return_details=True if return_details else False,
             validate_values=self.validate_values,
             batch_sizes=batch_sizes,
+            chunk_size=self.chunk_size,
             **self.distributed_options(),
         )
         if isinstance(output, ContrastiveLossOutput):

@@ -24,6 +24,7 @@ from ._validation import (
     values_are_valid,
 )
 from .dense import ContrastiveTerms, direction_terms, positive_mask_from_ids, symmetric_terms
+from .dispatch import check_chunk_size, direction_terms_auto, symmetric_terms_auto
 from .distributed import compute_batch_terms, prepare_batch
 from .outputs import ContrastiveLossOutput
 from .statistics import DirectionSummary, summarize
@@ -100,8 +101,12 @@ def compute_terms(
     *,
     image_ids: Optional[Tensor] = None,
     need_statistics: bool = True,
+    chunk_size: Optional[int] = None,
 ) -> ContrastiveTerms:
     """Compute both direction losses and, if asked, their sums, on already validated inputs.
+
+    The compute path (Triton, fused, chunked or the dense reference) follows the rules in
+    :mod:`adaptive_contrastive.dispatch`; every path returns the same values up to float rounding.
 
     Args:
         image_features: ``(N, D)`` floating tensor.
@@ -109,9 +114,16 @@ def compute_terms(
         logit_scale: positive float or 0-d float32 tensor.
         image_ids: optional ``(N,)`` integer group ids; equal ids are positives of each other.
         need_statistics: also compute the detached ``(2, NUM_SUMS)`` sums.
+        chunk_size: ``None`` for the dense paths, or the rows per chunk of the chunked path, whose extra
+            memory is ``O(N * chunk_size)`` in place of ``O(N * N)``.
     """
-    return symmetric_terms(
-        image_features, text_features, logit_scale, image_ids=image_ids, need_statistics=need_statistics
+    return symmetric_terms_auto(
+        image_features,
+        text_features,
+        logit_scale,
+        image_ids=image_ids,
+        need_statistics=need_statistics,
+        chunk_size=check_chunk_size(chunk_size),
     )
 
 
@@ -124,6 +136,7 @@ def compute_direction_terms(
     query_ids: Optional[Tensor] = None,
     key_ids: Optional[Tensor] = None,
     need_statistics: bool = True,
+    chunk_size: Optional[int] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """Compute one direction's loss, softmax over keys, for ``n`` queries against ``M`` keys.
 
@@ -138,10 +151,25 @@ def compute_direction_terms(
         query_ids: optional ``(n,)`` integer group ids; with ``key_ids``, equal ids are positives.
         key_ids: optional ``(M,)`` integer group ids.
         need_statistics: also compute the detached ``(NUM_SUMS,)`` sums.
+        chunk_size: ``None`` for the dense reference, or the queries per chunk of the chunked path. CUDA
+            tensors use the Triton kernels when ``triton`` is installed, whatever this is.
 
     Returns:
         ``(loss, sums)``: the 0-d mean row loss and the sums or ``None``.
     """
+    fast_result = direction_terms_auto(
+        query_features,
+        key_features,
+        logit_scale,
+        targets=targets,
+        query_ids=query_ids,
+        key_ids=key_ids,
+        need_statistics=need_statistics,
+        chunk_size=check_chunk_size(chunk_size),
+    )
+    if fast_result is not None:
+        return fast_result
+
     compute_dtype = torch.promote_types(query_features.dtype, torch.float32)
     similarities = query_features.to(compute_dtype) @ key_features.to(compute_dtype).T
 
@@ -203,6 +231,7 @@ def symmetric_info_nce(
     world_size: Optional[int] = None,
     process_group: Optional[Any] = None,
     batch_sizes: Optional[Sequence[int]] = None,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Compute the fixed-weight symmetric InfoNCE loss ``0.5 * (w_i2t * L_i2t + w_t2i * L_t2i)``.
 
@@ -222,6 +251,8 @@ def symmetric_info_nce(
         local_loss, gather_with_grad, rank, world_size, process_group, batch_sizes: distributed training
             options, described in :class:`~adaptive_contrastive.ContrastiveLoss` and
             :mod:`adaptive_contrastive.distributed`. Without an initialised process group they change nothing.
+        chunk_size: ``None`` for the dense paths, or the rows per chunk of the chunked path, whose extra
+            memory is ``O(N * chunk_size)`` in place of ``O(N * N)``.
 
     Returns:
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
@@ -240,7 +271,9 @@ def symmetric_info_nce(
         batch_sizes=batch_sizes,
     )
 
-    terms = compute_batch_terms(batch, scale, group_info, local_loss=local_loss, need_statistics=return_details)
+    terms = compute_batch_terms(
+        batch, scale, group_info, local_loss=local_loss, need_statistics=return_details, chunk_size=chunk_size
+    )
     if validate_values:
         check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 
@@ -285,6 +318,7 @@ def adaptive_info_nce(
     world_size: Optional[int] = None,
     process_group: Optional[Any] = None,
     batch_sizes: Optional[Sequence[int]] = None,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Compute ``0.5 * (w_i2t * L_i2t + w_t2i * L_t2i)`` with weights set by a difficulty statistic.
 
@@ -312,6 +346,8 @@ def adaptive_info_nce(
             options, described in :class:`~adaptive_contrastive.ContrastiveLoss` and
             :mod:`adaptive_contrastive.distributed`. With several ranks the statistic is that of the
             global batch on every rank, so the weights and the buffers stay identical across ranks.
+        chunk_size: ``None`` for the dense paths, or the rows per chunk of the chunked path, whose extra
+            memory is ``O(N * chunk_size)`` in place of ``O(N * N)``.
 
     Returns:
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
@@ -331,7 +367,9 @@ def adaptive_info_nce(
         batch_sizes=batch_sizes,
     )
 
-    terms = compute_batch_terms(batch, scale, group_info, local_loss=local_loss, need_statistics=True)
+    terms = compute_batch_terms(
+        batch, scale, group_info, local_loss=local_loss, need_statistics=True, chunk_size=chunk_size
+    )
     if validate_values:
         check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 

@@ -29,6 +29,8 @@ class SymmetricInfoNCE(ContrastiveLoss):
         validate_values: raise on non-finite inputs or a non-positive tensor ``logit_scale``.
         local_loss, gather_with_grad, rank, world_size, process_group: distributed training options, see
             :class:`~adaptive_contrastive.ContrastiveLoss`.
+        chunk_size: ``None`` for the dense paths, or the rows per chunk of the memory-efficient chunked
+            path (extra memory ``O(N * chunk_size)``), see :class:`~adaptive_contrastive.ContrastiveLoss`.
 
     Shape:
         - image_features: ``(N, D)``, any floating dtype.
@@ -54,6 +56,7 @@ class SymmetricInfoNCE(ContrastiveLoss):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         process_group: Optional[Any] = None,
+        chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__(
             normalize=normalize,
@@ -63,6 +66,7 @@ class SymmetricInfoNCE(ContrastiveLoss):
             rank=rank,
             world_size=world_size,
             process_group=process_group,
+            chunk_size=chunk_size,
         )
         _check_fixed_weights(weights)
         self.weights = (float(weights[0]), float(weights[1]))
@@ -93,6 +97,7 @@ class SymmetricInfoNCE(ContrastiveLoss):
             return_details=True if return_details else False,
             validate_values=self.validate_values,
             batch_sizes=batch_sizes,
+            chunk_size=self.chunk_size,
             **self.distributed_options(),
         )
         if isinstance(output, ContrastiveLossOutput):
