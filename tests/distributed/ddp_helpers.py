@@ -72,6 +72,8 @@ CASES = (
     Case("entropy_local_sizes_given", "entropy", local_loss=True, uneven=True, pass_batch_sizes=True),
     Case("spread_global_even", "spread", loss_options={"warmup_steps": 2}),
     Case("variance_global_no_grad_gather", "variance", gather_with_grad=False, steps=1),
+    Case("variance_local_chunked_ids", "variance", local_loss=True, uneven=True, with_ids=True, loss_options={"chunk_size": 2}),
+    Case("entropy_global_chunked", "entropy", uneven=True, loss_options={"chunk_size": 3}),
 )
 
 
