@@ -80,6 +80,9 @@ class ForwardResult:
     column_loss: Optional[Tensor] = None
     column_count: Optional[Tensor] = None
     column_statistics: Optional[Tensor] = None
+    # Only the fixed-shift pass (adaptive_contrastive.fixed_shift) fills these: sums of exp(L - shift).
+    row_sum_exp: Optional[Tensor] = None
+    column_sum_exp: Optional[Tensor] = None
 
 
 class _ColumnAccumulator:

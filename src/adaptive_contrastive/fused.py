@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .blockwise import Positives, blockwise_backward, blockwise_forward, default_block_rows, statistics_to_sums
+from .fixed_shift import fixed_shift_backward, fixed_shift_bound, fixed_shift_forward
 from .dense import ContrastiveTerms
 
 ScaleLike = Union[float, Tensor]
@@ -58,16 +59,31 @@ class BlockwiseTerms(torch.autograd.Function):
         else:
             block_rows = chunk_size
 
-        result = blockwise_forward(
-            query_c,
-            key_c,
-            scale_c,
-            positives,
-            columns=columns,
-            statistics=statistics,
-            block_rows=block_rows,
-            stored_logits=stored_logits,
-        )
+        # On the CPU, one exp(L - B) serves both directions when the bound B allows it (see fixed_shift).
+        shift = fixed_shift_bound(query_c, key_c, scale_c)
+        if shift is not None:
+            result = fixed_shift_forward(
+                query_c,
+                key_c,
+                scale_c,
+                shift,
+                positives,
+                columns=columns,
+                statistics=statistics,
+                block_rows=block_rows,
+                stored_logits=stored_logits,
+            )
+        else:
+            result = blockwise_forward(
+                query_c,
+                key_c,
+                scale_c,
+                positives,
+                columns=columns,
+                statistics=statistics,
+                block_rows=block_rows,
+                stored_logits=stored_logits,
+            )
 
         loss_rows = result.row_loss.mean()
         loss_columns = result.column_loss.mean() if columns else torch.zeros((), dtype=compute_dtype, device=query.device)
@@ -84,6 +100,7 @@ class BlockwiseTerms(torch.autograd.Function):
         ctx.result = result
         ctx.columns = columns
         ctx.block_rows = block_rows
+        ctx.shift = shift
         ctx.input_dtypes = (query.dtype, key.dtype, scale.dtype)
         ctx.mark_non_differentiable(sums)
         return loss_rows, loss_columns, sums
@@ -93,18 +110,33 @@ class BlockwiseTerms(torch.autograd.Function):
         query_c, key_c, scale_c, stored_logits, query_ids, key_ids = ctx.saved_tensors
         need_query, need_key, need_scale = ctx.needs_input_grad[:3]
 
-        grad_query, grad_key, grad_scale = blockwise_backward(
-            query_c,
-            key_c,
-            scale_c,
-            Positives(query_ids, key_ids),
-            ctx.result,
-            grad_rows,
-            grad_columns if ctx.columns else None,
-            block_rows=ctx.block_rows,
-            stored_logits=stored_logits,
-            need_scale_grad=need_scale,
-        )
+        if ctx.shift is not None:
+            grad_query, grad_key, grad_scale = fixed_shift_backward(
+                query_c,
+                key_c,
+                scale_c,
+                ctx.shift,
+                Positives(query_ids, key_ids),
+                ctx.result,
+                grad_rows,
+                grad_columns if ctx.columns else None,
+                block_rows=ctx.block_rows,
+                stored_exp=stored_logits,
+                need_scale_grad=need_scale,
+            )
+        else:
+            grad_query, grad_key, grad_scale = blockwise_backward(
+                query_c,
+                key_c,
+                scale_c,
+                Positives(query_ids, key_ids),
+                ctx.result,
+                grad_rows,
+                grad_columns if ctx.columns else None,
+                block_rows=ctx.block_rows,
+                stored_logits=stored_logits,
+                need_scale_grad=need_scale,
+            )
 
         query_dtype, key_dtype, scale_dtype = ctx.input_dtypes
         return (

@@ -6,6 +6,7 @@ import torch
 import adaptive_contrastive as ac
 from adaptive_contrastive.chunked import chunked_direction_terms, chunked_symmetric_terms
 from adaptive_contrastive.dense import symmetric_terms
+from adaptive_contrastive.fixed_shift import fixed_shift_bound
 from adaptive_contrastive.fused import fused_symmetric_terms
 from adaptive_contrastive.functional import compute_direction_terms, compute_terms
 
@@ -54,10 +55,15 @@ def assert_all_close(actual, expected, rtol, atol):
         )
 
 
+# 0.5 keeps every logit bound inside the fixed-shift range; 200 sends the same inputs down the general pass.
+SCALES = [0.5, 200.0]
+
+
+@pytest.mark.parametrize("scale_value", SCALES)
 @pytest.mark.parametrize("n, d, with_ids, chunk_size", CASES)
-def test_fused_matches_reference_float64(n, d, with_ids, chunk_size):
+def test_fused_matches_reference_float64(n, d, with_ids, chunk_size, scale_value):
     image, text, image_ids = make_inputs(n, d, with_ids)
-    scale = torch.tensor(3.0, dtype=torch.float64)
+    scale = torch.tensor(scale_value, dtype=torch.float64)
 
     expected = run_terms(symmetric_terms, image, text, scale, image_ids)
     actual = run_terms(fused_symmetric_terms, image, text, scale, image_ids)
@@ -65,10 +71,11 @@ def test_fused_matches_reference_float64(n, d, with_ids, chunk_size):
     assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_value", SCALES)
 @pytest.mark.parametrize("n, d, with_ids, chunk_size", CASES)
-def test_chunked_matches_reference_float64(n, d, with_ids, chunk_size):
+def test_chunked_matches_reference_float64(n, d, with_ids, chunk_size, scale_value):
     image, text, image_ids = make_inputs(n, d, with_ids, seed=1)
-    scale = torch.tensor(2.5, dtype=torch.float64)
+    scale = torch.tensor(scale_value, dtype=torch.float64)
 
     def chunked(*args, **kwargs):
         return chunked_symmetric_terms(*args, chunk_size=chunk_size, **kwargs)
@@ -79,11 +86,14 @@ def test_chunked_matches_reference_float64(n, d, with_ids, chunk_size):
     assert_all_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale_value", [0.5, 150.0])
 @pytest.mark.parametrize("with_ids", [False, True])
 @pytest.mark.parametrize("chunk_size", [None, 3])
-def test_blockwise_gradcheck(with_ids, chunk_size):
+def test_blockwise_gradcheck(with_ids, chunk_size, scale_value):
     image, text, image_ids = make_inputs(5, 3, with_ids, seed=2)
-    scale = torch.tensor(1.7, dtype=torch.float64)
+    image = torch.nn.functional.normalize(image, dim=-1)
+    text = torch.nn.functional.normalize(text, dim=-1)
+    scale = torch.tensor(scale_value, dtype=torch.float64)
 
     def loss(image, text, scale):
         terms = fused_symmetric_terms(image, text, scale, image_ids=image_ids, chunk_size=chunk_size)
@@ -93,12 +103,13 @@ def test_blockwise_gradcheck(with_ids, chunk_size):
     assert torch.autograd.gradcheck(loss, inputs)
 
 
+@pytest.mark.parametrize("scale_value", [30.0, 100.0])
 @pytest.mark.parametrize("with_ids", [False, True])
-def test_chunked_float32_grad_within_1e5(with_ids):
+def test_chunked_float32_grad_within_1e5(with_ids, scale_value):
     image, text, image_ids = make_inputs(300, 48, with_ids, dtype=torch.float32, seed=3)
     image = torch.nn.functional.normalize(image, dim=-1)
     text = torch.nn.functional.normalize(text, dim=-1)
-    scale = torch.tensor(30.0)
+    scale = torch.tensor(scale_value)
 
     def chunked(*args, **kwargs):
         return chunked_symmetric_terms(*args, chunk_size=64, **kwargs)
@@ -261,3 +272,14 @@ def test_default_path_is_fused():
 
     assert "BlockwiseTerms" in type(terms.loss_i2t.grad_fn).__name__
 
+
+
+def test_fixed_shift_bound_range():
+    image, text, _ = make_inputs(8, 16, False, dtype=torch.float32)
+    image = torch.nn.functional.normalize(image, dim=-1)
+    text = torch.nn.functional.normalize(text, dim=-1)
+
+    assert fixed_shift_bound(image, text, torch.tensor(14.3)) == pytest.approx(14.3, rel=1e-5)
+    assert fixed_shift_bound(image, text, torch.tensor(60.0)) is None
+    assert fixed_shift_bound(image.double(), text.double(), torch.tensor(300.0, dtype=torch.float64)) is not None
+    assert fixed_shift_bound(image.double(), text.double(), torch.tensor(400.0, dtype=torch.float64)) is None
