@@ -1,8 +1,8 @@
 """Download and unpack the two published Flickr8k archives.
 
 Each archive is streamed to a staging folder inside the target folder, checked against its
-expected SHA-256 and unpacked there. Only when every archive has passed are the unpacked folders
-moved into place with ``os.replace``; on any error the staging folder is deleted, so a failed or
+expected SHA-256 and unpacked there. The unpacked folders move into place with ``os.replace`` only
+after every archive has passed. On any error the staging folder is deleted, so a failed or
 interrupted download leaves no partial dataset behind.
 """
 

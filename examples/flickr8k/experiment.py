@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .data import Flickr8k
 from .encoders import ImageEncoder, TextEncoder, build_image_encoder, build_text_encoder
 from .features import image_features, text_features
+from .finetune import FineTunedImageTower, load_pixels
 from .noise import (
     NoiseSetting,
     add_gaussian_pixel_noise,
@@ -66,7 +67,8 @@ class FeatureSource:
 
     With ``scope="all"`` the clean features cover every image and caption of the dataset, so all
     studies share one cache entry. With ``scope="needed"`` they cover ``needed_images`` only,
-    which keeps smoke runs fast.
+    which keeps smoke runs fast. With ``pixel_inputs`` the image side of every split is uint8
+    pixels for a fine-tuned tower, and the clean image features are not used.
     """
 
     dataset: Flickr8k
@@ -79,6 +81,8 @@ class FeatureSource:
     data_seed: int = 0
     image_batch_size: int = 64
     text_batch_size: int = 256
+    pixel_inputs: bool = False
+    _pixels: dict[int, torch.Tensor] = field(default_factory=dict)
     _image_encoder: ImageEncoder | None = None
     _text_encoder: TextEncoder | None = None
     _image_rows: dict[int, int] = field(default_factory=dict)
@@ -135,19 +139,34 @@ class FeatureSource:
         rows = [self._caption_rows[int(index)] for index in indices]
         return self._text_features[rows]
 
+    def pixels(self, indices: np.ndarray) -> torch.Tensor:
+        """Return (len(indices), H, W, 3) uint8 pixels of dataset images, decoding each image once."""
+        missing = [int(index) for index in indices if int(index) not in self._pixels]
+        if missing:
+            decoded = load_pixels([self.dataset.image_paths[index] for index in missing], self.image_encoder.image_size)
+            self._pixels.update(zip(missing, decoded))
+        return torch.stack([self._pixels[int(index)] for index in indices])
+
+    def image_inputs(self, indices: np.ndarray) -> torch.Tensor:
+        """Return pixels when fine-tuning, else clean features, of dataset images."""
+        return self.pixels(indices) if self.pixel_inputs else self.images(indices)
+
     def eval_data(self, images: np.ndarray) -> EvalData:
         """Return a retrieval split over the given dataset images and all their captions."""
         captions = self.dataset.captions_of(images)
         position = {int(index): row for row, index in enumerate(images)}
         caption_image = torch.tensor([position[int(self.dataset.caption_image[c])] for c in captions])
-        return EvalData(self.images(images), self.captions(captions), caption_image)
+        return EvalData(self.image_inputs(images), self.captions(captions), caption_image)
 
     def train_data(self, images: np.ndarray, setting: NoiseSetting) -> tuple[TrainData, dict[str, Any]]:
         """Return the training pairs of ``images`` with noise applied, and a summary of the noise."""
         captions = self.dataset.captions_of(images)
         position = {int(index): row for row, index in enumerate(images)}
         pair_image = np.array([position[int(self.dataset.caption_image[c])] for c in captions], dtype=np.int64)
-        image_rows = self.images(images)
+        if self.pixel_inputs and setting.kind == "pixels":
+            raise ValueError(f"Noise setting {setting.label} is not supported with --finetune-blocks; "
+                             "use clean, swap or words settings.")
+        image_rows = self.image_inputs(images)
         text_rows = self.captions(captions)
         summary: dict[str, Any] = {"setting": setting.label, "images": len(images), "pairs": len(captions)}
 
@@ -209,8 +228,14 @@ def run_all(
     dev: EvalData,
     test: EvalData,
     config: TrainConfig,
+    finetune_blocks: int = 0,
+    finetune_learning_rate: float = 1e-4,
+    device: str = "cpu",
 ) -> tuple[list[dict[str, Any]], dict[str, RunResult], list[dict[str, Any]]]:
     """Train every run with a progress bar.
+
+    With ``finetune_blocks`` > 0 each run also trains a fresh copy of the last blocks of the
+    image encoder (``source.pixel_inputs`` must then be set).
 
     Returns:
         One flat record per run (for JSON and CSV), the full :class:`RunResult` per run id, and the
@@ -227,9 +252,11 @@ def run_all(
             noise_summaries.append(summary)
             logger.info("Training set %s: %s", key, summary)
 
+        tower = FineTunedImageTower(source.image_encoder, finetune_blocks) if finetune_blocks else None
         result = train_run(
             spec.loss, train_cache[key], dev, test, config, spec.seed,
             loss_options=spec.loss_options, keep_embeddings=spec.keep_embeddings,
+            image_tower=tower, tower_learning_rate=finetune_learning_rate, device=device,
         )
         run_id = f"{spec.study}/{spec.setting.label}/n{spec.train_images}/{spec.variant}/seed{spec.seed}"
         results[run_id] = result

@@ -3,7 +3,7 @@
 Paired differences compare each method with the fixed-weight baseline (SymmetricInfoNCE) at the
 same seed, setting and training-set size, so both runs share initialisation and batches. The 95%
 confidence interval of the mean difference uses Student's t distribution with n - 1 degrees of
-freedom (``scipy.stats.t``; scipy is a dependency of scikit-learn).
+freedom, from ``scipy.stats.t``. scipy is a dependency of scikit-learn.
 """
 
 from __future__ import annotations
@@ -65,9 +65,10 @@ def summarize(records: list[dict[str, Any]], group_key: str = "variant") -> list
     """Aggregate runs per (setting, train_images, group) over seeds, with paired differences to the baseline.
 
     Returns:
-        One row per group: mean and sample standard deviation of each metric, the number of
-        seeds, and for non-baseline groups the mean paired difference in rsum and in mean R@5 with
-        its 95% t-interval and the number of seeds where the method beat the baseline.
+        One row per group with the number of seeds and the mean and sample standard deviation
+        of each metric. Rows of the other methods add the mean paired difference to the baseline
+        in rsum and in mean R@5, each with its 95% t-interval, and the number of seeds where the
+        method beat the baseline.
     """
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -161,11 +162,6 @@ def _pyplot():
     return plt
 
 
-def _epoch_mean(values: list[float], num_epochs: int) -> np.ndarray:
-    steps = np.array_split(np.asarray(values, dtype=np.float64), num_epochs)
-    return np.array([chunk.mean() for chunk in steps])
-
-
 def plot_loss_curves(results: dict[str, RunResult], records: list[dict[str, Any]], path: Path) -> None:
     """Plot the mean per-epoch training loss (unweighted mean of both directions) per loss, one line per setting."""
     plt = _pyplot()
@@ -197,7 +193,7 @@ def plot_noisy_recall(rows: list[dict[str, Any]], records: list[dict[str, Any]],
     settings = list(dict.fromkeys(row["setting"] for row in rows))
     losses = sorted({row["method"] for row in rows}, key=list(LOSS_LABELS).index)
     width = 0.8 / len(losses)
-    figure, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.0), sharey=True)
     for axis, direction in zip(axes, ("i2t", "t2i")):
         for offset, loss in enumerate(losses):
             means, stds = [], []
@@ -213,8 +209,9 @@ def plot_noisy_recall(rows: list[dict[str, Any]], records: list[dict[str, Any]],
         low = min(row[f"{d}_r5_mean"] - row[f"{d}_r5_std"] for row in rows for d in ("i2t", "t2i"))
         axis.set_ylim(max(0.0, low - 5), None)
     axes[0].set_ylabel("R@5 (%)")
-    axes[1].legend(fontsize=7, loc="lower left")
-    figure.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=len(losses), fontsize=8)
+    figure.tight_layout(rect=(0, 0.08, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import os
 import platform
-import shutil
+import resource
 import subprocess
 import sys
 import time
@@ -85,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--study", choices=STUDIES, default="compare",
                        help="compare: every loss on --noise settings; noise: the full stress test "
                             f"({STRESS_NOISE}); sample-efficiency: R@5 against --sample-sizes; "
-                            "ablations: VarianceAwareInfoNCE options; all: every study; extract: features only.")
+                            "ablations: VarianceAwareInfoNCE options; all: the four studies in that order; extract: features only.")
     study.add_argument("--losses", default=",".join(LOSS_NAMES),
                        help="comma-separated losses; must include the baseline 'symmetric'.")
     study.add_argument("--seeds", type=int, default=5, help="number of seeds per configuration (seeds 0..N-1).")
@@ -98,17 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated training-set sizes for the sample-efficiency curve, in images.")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=15, help="training epochs per run (passes over all pairs).")
-    training.add_argument("--batch-size", type=int, default=128, help="image-caption pairs per step.")
+    training.add_argument("--epochs", type=int, default=10, help="training epochs per run (passes over all pairs).")
+    training.add_argument("--batch-size", type=int, default=256, help="image-caption pairs per step.")
     training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate.")
     training.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the heads.")
     training.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of all steps.")
-    training.add_argument("--head", choices=("mlp", "linear"), default="mlp", help="projection head type.")
+    training.add_argument("--head", choices=("linear", "mlp"), default="linear", help="projection head type.")
     training.add_argument("--embed-dim", type=int, default=256, help="shared embedding size, in dimensions.")
     training.add_argument("--hidden-dim", type=int, default=512, help="hidden layer size of the MLP heads, in units.")
     training.add_argument("--dropout", type=float, default=0.1, help="dropout probability in the MLP heads.")
     training.add_argument("--decay", type=float, default=0.9,
                           help="EMA decay in [0, 1) of the adaptive losses' batch statistics.")
+    training.add_argument("--finetune-blocks", type=int, default=0,
+                          help="also train the last N MBConv blocks of EfficientNet-Lite0 end to end, from pixels "
+                               "(0 trains the heads on cached features only); meant for a GPU.")
+    training.add_argument("--finetune-lr", type=float, default=1e-4,
+                          help="peak AdamW learning rate of the fine-tuned encoder blocks.")
+    training.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                          help="torch device for training, e.g. cpu or cuda.")
 
     system = parser.add_argument_group("features and system")
     system.add_argument("--image-encoder", default=DEFAULT_IMAGE_ENCODER,
@@ -120,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="feature cache folder (path).")
     system.add_argument("--image-batch-size", type=int, default=64, help="images per encoder forward pass.")
     system.add_argument("--text-batch-size", type=int, default=256, help="captions per encoder forward pass.")
-    system.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 keeps torch's default.")
+    system.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for feature extraction; 0 keeps torch's default (one per core).")
+    system.add_argument("--train-threads", type=int, default=1,
+                        help="torch CPU threads for training the heads. One thread is as fast for these small "
+                             "matrices and avoids large slowdowns when other processes share the cores.")
     system.add_argument("--output-dir", type=Path, default=None,
                         help="results folder (path); default examples/flickr8k/runs/<UTC timestamp>.")
     system.add_argument("--no-plots", action="store_true", help="skip the PNG figures.")
@@ -187,12 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     if not seeds:
         raise SystemExit("Invalid --seeds 0: need at least one seed.")
-    settings = [NoiseSetting.parse(text) for text in (STRESS_NOISE if args.study == "noise" else args.noise).split(",")]
+    compare_settings = [NoiseSetting.parse(text) for text in args.noise.split(",")]
+    stress_settings = [NoiseSetting.parse(text) for text in STRESS_NOISE.split(",")]
     sample_sizes = _int_list(args.sample_sizes, "--sample-sizes")
     main_size = args.train_images or len(dataset.splits["train"])
     sizes = sorted({main_size} | (set(sample_sizes) if args.study in ("sample-efficiency", "all") else set()))
     train_sets = {size: train_subset(dataset.splits["train"], size, args.data_seed) for size in sizes}
-    train_sets = {size: images for size, images in train_sets.items()}
     dev_images = eval_subset(dataset.splits["dev"], args.eval_images or None, args.data_seed)
     test_images = eval_subset(dataset.splits["test"], args.eval_images or None, args.data_seed)
 
@@ -200,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     source = FeatureSource(
         dataset, args.cache_dir, args.image_encoder, args.text_encoder, needed, args.feature_scope,
         args.pixel_sigma, args.data_seed, args.image_batch_size, args.text_batch_size,
+        pixel_inputs=args.finetune_blocks > 0,
     )
     extract_started = time.perf_counter()
     source.load_clean()
@@ -207,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("Clean features ready in %.1f s.", extract_seconds)
     if args.study == "extract":
         return 0
+    if args.train_threads:
+        torch.set_num_threads(args.train_threads)
 
     output_dir = args.output_dir or REPO_ROOT / "examples" / "flickr8k" / "runs" / datetime.datetime.now(
         datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -230,20 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     logger.info("Writing results to %s.", output_dir)
 
-    studies = ["compare", "sample-efficiency", "ablations"] if args.study == "all" else [args.study]
+    studies = ["compare", "noise", "sample-efficiency", "ablations"] if args.study == "all" else [args.study]
     markdown = [f"# Flickr8k results\n\nCommand: `{meta['command']}`\n"]
     timings = {"feature_extraction_or_cache_load_seconds": round(extract_seconds, 1)}
     for study in studies:
         study_started = time.perf_counter()
         if study in ("compare", "noise"):
-            study_settings = settings if study == "compare" else [NoiseSetting.parse(t) for t in STRESS_NOISE.split(",")]
+            study_settings = compare_settings if study == "compare" else stress_settings
             specs = comparison_specs(study, study_settings, losses, seeds, main_size)
         elif study == "sample-efficiency":
             specs = sample_efficiency_specs(sorted(sample_sizes), losses, seeds)
         else:
             specs = ablation_specs(seeds, main_size, NoiseSetting("clean"))
 
-        records, results, noise_summaries = run_all(specs, source, train_sets, dev, test, config)
+        records, results, noise_summaries = run_all(
+            specs, source, train_sets, dev, test, config, args.finetune_blocks, args.finetune_lr, args.device,
+        )
         group_key = "variant" if study == "ablations" else "loss"
         rows = report.summarize(records, group_key)
         study_meta = {**meta, "noise": noise_summaries}
@@ -263,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("Study %s finished in %.1f s.", study, timings[f"{study}_seconds"])
 
     timings["total_seconds"] = round(time.perf_counter() - started, 1)
+    # CPU seconds of this process and its threads; unlike wall time it barely changes when other jobs share the CPU.
+    timings["cpu_seconds"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_utime
+                                   + resource.getrusage(resource.RUSAGE_SELF).ru_stime, 1)
     report.write_json({**meta, "timings": timings}, output_dir / "run-info.json")
     (output_dir / "summary.md").write_text("\n".join(markdown), encoding="utf-8")
     logger.info("Done in %.1f s; summary in %s.", timings["total_seconds"], output_dir / "summary.md")

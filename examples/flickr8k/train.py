@@ -3,7 +3,7 @@
 One run trains an image head and a caption head that map the cached encoder features into a
 shared L2-normalised space, with a learnable temperature (``LogitScale``, clamped after each
 step). AdamW follows a linear warm-up then a cosine decay to zero. After every epoch the dev split
-is scored and the epoch with the highest dev rsum is kept; the test split is scored once, with
+is scored, and the epoch with the highest dev rsum is kept. The test split is scored once, with
 that epoch's weights.
 
 A run's seed fixes the head initialisation, the order of the training pairs and dropout, so runs
@@ -16,7 +16,7 @@ import copy
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -66,14 +66,14 @@ def build_loss(name: str, options: dict[str, Any] | None = None) -> nn.Module:
 class TrainConfig:
     """Optimisation settings shared by every run of a study."""
 
-    epochs: int = 15
-    batch_size: int = 128
+    epochs: int = 10
+    batch_size: int = 256
     learning_rate: float = 1e-3
     weight_decay: float = 0.05
     warmup_fraction: float = 0.05
     embed_dim: int = 256
     hidden_dim: int = 512
-    head: str = "mlp"
+    head: str = "linear"
     dropout: float = 0.1
     decay: float = 0.9
 
@@ -83,7 +83,8 @@ class TrainData:
     """Training pairs over cached features.
 
     Attributes:
-        image_features: (num_images, image_dim) float32, one row per training image.
+        image_features: (num_images, image_dim) float32, one row per training image, or
+            (num_images, H, W, 3) uint8 pixels when the run fine-tunes an image tower.
         pair_image: (num_pairs,) int64 row of ``image_features`` for each pair; equal rows are positives.
         pair_text_features: (num_pairs, text_dim) float32 caption features of each pair.
     """
@@ -95,7 +96,7 @@ class TrainData:
 
 @dataclass
 class EvalData:
-    """A retrieval split: (num_images, image_dim) and (num_captions, text_dim) features, and caption_image."""
+    """A retrieval split: image features (or uint8 pixels, as in TrainData), caption features and caption_image."""
 
     image_features: torch.Tensor
     text_features: torch.Tensor
@@ -116,12 +117,6 @@ class RunResult:
     steps: dict[str, list[float]] = field(default_factory=dict)
     epochs: dict[str, list[float]] = field(default_factory=dict)
     embeddings: dict[str, np.ndarray] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        """Return a JSON-serialisable dict without the embeddings."""
-        content = asdict(self)
-        content.pop("embeddings")
-        return content
 
 
 class ProjectionHead(nn.Module):
@@ -149,19 +144,35 @@ class ProjectionHead(nn.Module):
 
 
 class AlignmentModel(nn.Module):
-    """Image head, caption head and the learnable logit scale."""
+    """Image head, caption head and the learnable logit scale, with an optional trainable image tower.
 
-    def __init__(self, image_dim: int, text_dim: int, config: TrainConfig) -> None:
+    Without a tower the image inputs are cached features. With one, they are uint8 pixels that
+    the tower encodes first.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, config: TrainConfig,
+                 image_tower: nn.Module | None = None) -> None:
         super().__init__()
+        self.image_tower = image_tower
         self.image_head = ProjectionHead(image_dim, config)
         self.text_head = ProjectionHead(text_dim, config)
         self.logit_scale = LogitScale()
 
+    def encode_images(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map (N, image_dim) features, or (N, H, W, 3) pixels when a tower is set, to (N, D) embeddings."""
+        device = self.logit_scale.log_scale.device
+        features = inputs.to(device)
+        if self.image_tower is not None:
+            features = self.image_tower(features)
+        return self.image_head(features)
+
     @torch.inference_mode()
     def embed(self, data: EvalData, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (num_images, D) and (num_captions, D) embeddings of a split."""
-        images = torch.cat([self.image_head(chunk) for chunk in data.image_features.split(batch_size)])
-        texts = torch.cat([self.text_head(chunk) for chunk in data.text_features.split(batch_size)])
+        """Return (num_images, D) and (num_captions, D) embeddings of a split, on the CPU."""
+        device = self.logit_scale.log_scale.device
+        image_batch = 128 if self.image_tower is not None else batch_size
+        images = torch.cat([self.encode_images(chunk).cpu() for chunk in data.image_features.split(image_batch)])
+        texts = torch.cat([self.text_head(chunk.to(device)).cpu() for chunk in data.text_features.split(batch_size)])
         return images, texts
 
 
@@ -196,6 +207,9 @@ def train_run(
     seed: int,
     loss_options: dict[str, Any] | None = None,
     keep_embeddings: bool = False,
+    image_tower: nn.Module | None = None,
+    tower_learning_rate: float = 1e-4,
+    device: str | torch.device = "cpu",
 ) -> RunResult:
     """Train heads with one loss and one seed, select the best dev epoch and score it on test.
 
@@ -208,6 +222,10 @@ def train_run(
         seed: fixes initialisation, pair order and dropout.
         loss_options: constructor options of the loss; adaptive losses default to ``decay=config.decay``.
         keep_embeddings: also return the test embeddings (for t-SNE plots).
+        image_tower: a fresh trainable image encoder with an ``output_dim`` attribute, for end-to-end
+            fine-tuning. The image inputs of ``train``, ``dev`` and ``test`` are then uint8 pixels.
+        tower_learning_rate: peak AdamW learning rate of the tower's trainable parameters.
+        device: where the model and the batches live, e.g. "cuda" for fine-tuning.
     """
     started = time.perf_counter()
     options = dict(loss_options or {})
@@ -215,17 +233,22 @@ def train_run(
         options.setdefault("decay", config.decay)
 
     torch.manual_seed(seed)
-    model = AlignmentModel(train.image_features.shape[1], train.pair_text_features.shape[1], config)
-    loss_fn = build_loss(loss_name, options)
+    image_dim = image_tower.output_dim if image_tower is not None else train.image_features.shape[1]
+    model = AlignmentModel(image_dim, train.pair_text_features.shape[1], config, image_tower).to(device)
+    loss_fn = build_loss(loss_name, options).to(device)
 
-    head_parameters = [parameter for name, parameter in model.named_parameters() if not name.startswith("logit_scale")]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": head_parameters, "weight_decay": config.weight_decay},
-            {"params": model.logit_scale.parameters(), "weight_decay": 0.0},
-        ],
-        lr=config.learning_rate,
-    )
+    head_parameters = [
+        parameter for name, parameter in model.named_parameters()
+        if not name.startswith(("logit_scale", "image_tower"))
+    ]
+    groups = [
+        {"params": head_parameters, "weight_decay": config.weight_decay},
+        {"params": model.logit_scale.parameters(), "weight_decay": 0.0},
+    ]
+    if image_tower is not None:
+        tower_parameters = [parameter for parameter in image_tower.parameters() if parameter.requires_grad]
+        groups.append({"params": tower_parameters, "weight_decay": config.weight_decay, "lr": tower_learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     num_pairs = len(train.pair_image)
     steps_per_epoch = math.ceil(num_pairs / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -247,10 +270,11 @@ def train_run(
 
         for batch in order.split(config.batch_size):
             image_rows = train.pair_image[batch]
-            image_embeddings = model.image_head(train.image_features[image_rows])
-            text_embeddings = model.text_head(train.pair_text_features[batch])
+            image_embeddings = model.encode_images(train.image_features[image_rows])
+            text_embeddings = model.text_head(train.pair_text_features[batch].to(device))
             output = loss_fn(
-                image_embeddings, text_embeddings, model.logit_scale(), image_ids=image_rows, return_details=True
+                image_embeddings, text_embeddings, model.logit_scale(), image_ids=image_rows.to(device),
+                return_details=True,
             )
 
             optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,6 @@ import io
 import threading
 import zipfile
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

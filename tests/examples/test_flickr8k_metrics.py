@@ -78,7 +78,7 @@ def test_constant_similarity_is_worst_case() -> None:
 
 
 def test_recall_at_k_boundaries() -> None:
-    # One image, eleven captions: its only caption is at position 6.
+    # Image 0 owns only caption 5, and five captions of image 1 score higher, so its rank is 6.
     scores = torch.tensor([[0.99, 0.98, 0.97, 0.96, 0.95, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1]])
     caption_image = torch.tensor([1, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1])
     similarity = torch.cat([scores, torch.zeros(1, 11)])
