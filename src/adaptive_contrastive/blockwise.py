@@ -32,9 +32,9 @@ from torch import Tensor
 
 from .statistics import row_sums
 
-# Target size, in elements, of one logit block. 2**18 float32 values are 1 MiB, so a block and its two
+# Target size, in elements, of one logit block. 2**20 float32 values are 4 MiB, so a block and its two
 # temporaries of the same shape stay in the L2 or L3 cache of current server CPUs.
-_BLOCK_ELEMENTS = 2**18
+_BLOCK_ELEMENTS = 2**20
 
 
 def default_block_rows(num_rows: int, num_columns: int) -> int:
