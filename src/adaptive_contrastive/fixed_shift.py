@@ -4,7 +4,7 @@ The general pass (:mod:`adaptive_contrastive.blockwise`) subtracts each row's ma
 softmax and each column's running maximum for the column softmax, so it takes two exponentials per logit
 in the forward pass and two more in the backward pass. By Cauchy-Schwarz every logit satisfies
 ``|L_ij| <= B = s * max_i |q_i| * max_j |k_j|``. When ``exp(-2 B)`` is still a normal float, the single
-matrix ``E = exp(L - B)`` holds every entry with full relative precision (none underflows, none
+matrix ``E = exp(L - B)`` represents every entry with full relative precision (none underflows, none
 overflows), and
 
 * row ``i``'s log-sum-exp is ``B + log sum_j E_ij``, column ``j``'s is ``B + log sum_i E_ij``;
