@@ -417,6 +417,7 @@ def _stateless(
     image_ids: Optional[Tensor],
     normalize: bool,
     return_details: bool,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     check_weighting_options(decay=0.0, mapping=mapping, power=power, weight_bounds=weight_bounds, warmup_steps=0, eps=eps)
     return adaptive_info_nce(
@@ -431,6 +432,7 @@ def _stateless(
         image_ids=image_ids,
         normalize=normalize,
         return_details=return_details,
+        chunk_size=chunk_size,
     )
 
 
@@ -447,6 +449,7 @@ def variance_aware_info_nce(
     image_ids: Optional[Tensor] = None,
     normalize: bool = False,
     return_details: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Stateless form of :class:`~adaptive_contrastive.VarianceAwareInfoNCE`: weights from this batch alone."""
     if statistic not in strategies.VARIANCE_STATISTICS:
@@ -457,7 +460,7 @@ def variance_aware_info_nce(
 
     return _stateless(
         image_features, text_features, logit_scale, statistic_fn, mapping, power, weight_bounds, eps,
-        image_ids, normalize, return_details,
+        image_ids, normalize, return_details, chunk_size,
     )
 
 
@@ -473,11 +476,12 @@ def entropy_weighted_info_nce(
     image_ids: Optional[Tensor] = None,
     normalize: bool = False,
     return_details: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Stateless form of :class:`~adaptive_contrastive.EntropyWeighted`: weights from this batch alone."""
     return _stateless(
         image_features, text_features, logit_scale, strategies.entropy_statistic, mapping, power, weight_bounds,
-        eps, image_ids, normalize, return_details,
+        eps, image_ids, normalize, return_details, chunk_size,
     )
 
 
@@ -493,9 +497,10 @@ def spread_weighted_info_nce(
     image_ids: Optional[Tensor] = None,
     normalize: bool = False,
     return_details: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> Union[Tensor, ContrastiveLossOutput]:
     """Stateless form of :class:`~adaptive_contrastive.SpreadWeighted`: weights from this batch alone."""
     return _stateless(
         image_features, text_features, logit_scale, strategies.spread_statistic, mapping, power, weight_bounds,
-        eps, image_ids, normalize, return_details,
+        eps, image_ids, normalize, return_details, chunk_size,
     )

@@ -283,3 +283,17 @@ def test_fixed_shift_bound_range():
     assert fixed_shift_bound(image, text, torch.tensor(60.0)) is None
     assert fixed_shift_bound(image.double(), text.double(), torch.tensor(300.0, dtype=torch.float64)) is not None
     assert fixed_shift_bound(image.double(), text.double(), torch.tensor(400.0, dtype=torch.float64)) is None
+
+
+@pytest.mark.parametrize(
+    "loss_fn", [ac.variance_aware_info_nce, ac.entropy_weighted_info_nce, ac.spread_weighted_info_nce, ac.symmetric_info_nce]
+)
+def test_functional_chunk_size_matches_dense(loss_fn):
+    image, text, image_ids = make_inputs(13, 5, True, seed=9)
+
+    dense = loss_fn(image, text, 3.0, image_ids=image_ids, return_details=True)
+    chunked = loss_fn(image, text, 3.0, image_ids=image_ids, return_details=True, chunk_size=4)
+
+    assert torch.allclose(chunked.loss, dense.loss, rtol=1e-12)
+    assert torch.allclose(chunked.weight_i2t, dense.weight_i2t, rtol=1e-12)
+    assert torch.allclose(chunked.summary.mean_entropy, dense.summary.mean_entropy, rtol=1e-10)
