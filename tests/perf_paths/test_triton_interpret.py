@@ -114,3 +114,18 @@ def test_triton_backend_rejects_cpu_without_interpreter(monkeypatch):
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         ac.SymmetricInfoNCE()(torch.randn(4, 3), torch.randn(4, 3), 1.0)
+
+
+def test_triton_mixed_dtypes_return_each_dtype():
+    generator = torch.Generator().manual_seed(9)
+    image = torch.randn(5, 16, generator=generator).to(torch.bfloat16)
+    text = torch.randn(5, 16, generator=generator)
+
+    expected, expected_image, expected_text, _ = run_terms(symmetric_terms, image, text, torch.tensor(2.0), None)
+    actual, actual_image, actual_text, _ = run_terms(triton_symmetric_terms, image, text, torch.tensor(2.0), None)
+
+    assert actual_image.dtype == torch.bfloat16
+    assert actual_text.dtype == torch.float32
+    assert torch.allclose(actual.loss_i2t, expected.loss_i2t, rtol=1e-5)
+    assert relative_error(actual_text, expected_text) < 1e-5
+    assert relative_error(actual_image, expected_image) < GRAD_RTOL[torch.bfloat16]

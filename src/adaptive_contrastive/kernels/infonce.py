@@ -261,9 +261,13 @@ class TritonTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, scale, query_ids, key_ids, columns, statistics):
         ctx.input_dtypes = (query.dtype, key.dtype, scale.dtype)
-        # The kernels compute in float32, so float64 inputs are rounded to float32 first.
-        query = query.detach().to(torch.float32 if query.dtype == torch.float64 else query.dtype).contiguous()
-        key = key.detach().to(torch.float32 if key.dtype == torch.float64 else key.dtype).contiguous()
+        # tl.dot needs both operands in one dtype, and the kernels compute in float32, so mixed inputs are
+        # promoted to a common dtype and float64 inputs are rounded to float32 first.
+        common_dtype = torch.promote_types(query.dtype, key.dtype)
+        if common_dtype == torch.float64:
+            common_dtype = torch.float32
+        query = query.detach().to(common_dtype).contiguous()
+        key = key.detach().to(common_dtype).contiguous()
         scale32 = scale.detach().reshape(1).float()
 
         # mean_j L_ij = s * q_i . mean_j k_j, so the means need no pass over the logits.
