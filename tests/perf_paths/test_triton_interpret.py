@@ -1,7 +1,9 @@
 """The Triton kernels under ``TRITON_INTERPRET=1`` on CPU tensors, against the dense reference.
 
-``TRITON_INTERPRET`` must be set before the kernels are decorated, so this module sets it before it
-imports them. It only changes how Triton runs kernels, and no other test imports Triton.
+Triton reads ``TRITON_INTERPRET`` when it is imported and when it decorates a kernel, so this module
+sets it before it imports ``triton`` and leaves it set for the session. Setting it later, per test,
+leaves the nested ``@triton.jit`` helpers uncallable under the interpreter (Triton 3.9.0). The
+variable only changes how Triton runs kernels, and no other test imports Triton.
 """
 
 import os
