@@ -5,7 +5,7 @@ Three kinds, each with a level in [0, 1]:
 * ``swap:p`` replaces the caption of exactly round(p * num_pairs) training pairs with a caption of
   another training image (a mismatched pair, as in web-scraped data).
 * ``words:p`` corrupts every training caption at the token level: each word is dropped with
-  probability p (at least one word is kept), then adjacent words are swapped with probability p
+  probability p (at least one word stays), then adjacent words are swapped with probability p
   per position. The corrupted captions are re-encoded and cached separately.
 * ``pixels:p`` adds Gaussian noise with standard deviation ``sigma`` (pixel values in [0, 1],
   clipped after the noise) to exactly round(p * num_images) training images. Their features are
@@ -120,18 +120,18 @@ def corrupt_words(
     if not keep.any():
         keep[rng.integers(len(words))] = True
     counts.dropped = int((~keep).sum())
-    kept = [word for word, flag in zip(words, keep) if flag]
+    remaining = [word for word, flag in zip(words, keep) if flag]
 
     position = 0
-    while position + 1 < len(kept):
+    while position + 1 < len(remaining):
         counts.swap_decisions += 1
         if rng.random() < swap_probability:
-            kept[position], kept[position + 1] = kept[position + 1], kept[position]
+            remaining[position], remaining[position + 1] = remaining[position + 1], remaining[position]
             counts.swaps += 1
             position += 2
         else:
             position += 1
-    return " ".join(kept), counts
+    return " ".join(remaining), counts
 
 
 def corrupt_captions(

@@ -136,11 +136,18 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
             if runner_up is None:
                 sentences.append(f"{where}: only the baseline ran.")
                 continue
+            runner_label = LOSS_LABELS.get(runner_up["method"], runner_up["method"])
+            gap = ("ties it to two decimals" if abs(runner_up["delta_rsum"]) < 0.005
+                   else f"trails it by {-runner_up['delta_rsum']:.2f} rsum")
             sentences.append(
-                f"{where}: no adaptive loss beat the baseline; the best adaptive loss, "
-                f"{LOSS_LABELS.get(runner_up['method'], runner_up['method'])}, trails it by "
-                f"{-runner_up['delta_rsum']:.2f} rsum (95% CI of the difference "
-                f"[{runner_up['delta_rsum_low']:+.2f}, {runner_up['delta_rsum_high']:+.2f}])."
+                f"{where}: no adaptive loss beat the baseline. The best adaptive loss, {runner_label}, {gap} "
+                f"(95% CI of the difference [{runner_up['delta_rsum_low']:+.2f}, {runner_up['delta_rsum_high']:+.2f}])."
+            )
+            continue
+        if best["delta_rsum"] < 0.005:
+            sentences.append(
+                f"{where}: {label} had the highest mean rsum but ties the baseline to two decimals "
+                f"(95% CI of the difference [{best['delta_rsum_low']:+.2f}, {best['delta_rsum_high']:+.2f}])."
             )
             continue
         significant = best["delta_rsum_low"] > 0
@@ -203,7 +210,7 @@ def plot_noisy_recall(rows: list[dict[str, Any]], records: list[dict[str, Any]],
                 stds.append(row[f"{direction}_r5_std"])
             positions = np.arange(len(settings)) + (offset - (len(losses) - 1) / 2) * width
             axis.bar(positions, means, width, yerr=stds, capsize=3, label=LOSS_LABELS[loss])
-        axis.set_xticks(np.arange(len(settings)), settings)
+        axis.set_xticks(np.arange(len(settings)), settings, rotation=30 if len(settings) > 4 else 0)
         axis.set_xlabel("training data")
         axis.set_title(f"{'image→text' if direction == 'i2t' else 'text→image'} R@5 on the clean test split", fontsize=9)
         low = min(row[f"{d}_r5_mean"] - row[f"{d}_r5_std"] for row in rows for d in ("i2t", "t2i"))
@@ -224,15 +231,15 @@ def plot_tsne(results: dict[str, RunResult], caption_image: np.ndarray, path: Pa
     from sklearn.manifold import TSNE
 
     plt = _pyplot()
-    kept = {result.loss: result for result in results.values() if result.embeddings is not None}
-    panels = [loss for loss in ("symmetric", "variance") if loss in kept]
+    with_embeddings = {result.loss: result for result in results.values() if result.embeddings is not None}
+    panels = [loss for loss in ("symmetric", "variance") if loss in with_embeddings]
     if not panels:
         return False
 
     first_caption = np.unique(np.asarray(caption_image), return_index=True)[1]
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 5), squeeze=False)
     for axis, loss in zip(axes[0], panels):
-        embeddings = kept[loss].embeddings
+        embeddings = with_embeddings[loss].embeddings
         images = embeddings["images"]
         texts = embeddings["texts"][first_caption]
         points = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed, metric="cosine").fit_transform(
@@ -243,7 +250,7 @@ def plot_tsne(results: dict[str, RunResult], caption_image: np.ndarray, path: Pa
             axis.plot(*zip(image_points[index], text_points[index]), color="0.6", linewidth=0.6)
         axis.scatter(*image_points.T, s=4, label="test images")
         axis.scatter(*text_points.T, s=4, label="first caption of each image")
-        axis.set_title(f"{LOSS_LABELS[loss]} (seed {kept[loss].seed}); grey lines join 40 matched pairs", fontsize=9)
+        axis.set_title(f"{LOSS_LABELS[loss]} (seed {with_embeddings[loss].seed}); grey lines join 40 matched pairs", fontsize=9)
         axis.set_xticks([])
         axis.set_yticks([])
     axes[0][0].legend(fontsize=8, markerscale=3)
@@ -273,28 +280,45 @@ def plot_weight_trajectories(results: dict[str, RunResult], records: list[dict[s
         axis.axhline(1.0, color="0.5", linewidth=0.8)
         axis.set_title(LOSS_LABELS[loss], fontsize=9)
         axis.set_xlabel("training step")
-    axes[0][0].set_ylabel("image→text weight (text→image = 2 − it)")
-    axes[0][-1].legend(fontsize=8)
-    figure.tight_layout()
+    axes[0][0].set_ylabel("image→text weight (text→image: 2 minus it)", fontsize=8)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=min(len(settings), 7), fontsize=8)
+    figure.tight_layout(rect=(0, 0.1, 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
 def plot_sample_efficiency(rows: list[dict[str, Any]], path: Path) -> None:
-    """Plot mean R@5 (both directions) against training images per loss; error bars are std over seeds."""
+    """Plot mean R@5 (both directions) against training images per loss, and each loss's paired difference.
+
+    Left: error bars are the standard deviation over seeds. Right: the mean paired difference in
+    mean R@5 to the baseline, with its 95% t-interval.
+    """
     plt = _pyplot()
     losses = sorted({row["method"] for row in rows}, key=list(LOSS_LABELS).index)
-    figure, axis = plt.subplots(figsize=(5.5, 3.8))
-    for loss in losses:
-        members = sorted((row for row in rows if row["method"] == loss), key=lambda row: row["train_images"])
-        sizes = [row["train_images"] for row in members]
-        axis.errorbar(sizes, [row["r5_mean"] for row in members], yerr=[row["r5_std"] for row in members],
-                      marker="o", capsize=3, label=LOSS_LABELS[loss])
-    axis.set_xscale("log")
     sizes = sorted({row["train_images"] for row in rows})
-    axis.set_xticks(sizes, [str(size) for size in sizes])
-    axis.set_xlabel("training images (5 captions each)")
+    figure, (axis, delta_axis) = plt.subplots(1, 2, figsize=(11, 4.0))
+    for offset, loss in enumerate(losses):
+        members = sorted((row for row in rows if row["method"] == loss), key=lambda row: row["train_images"])
+        member_sizes = [row["train_images"] for row in members]
+        axis.errorbar(member_sizes, [row["r5_mean"] for row in members], yerr=[row["r5_std"] for row in members],
+                      marker="o", capsize=3, label=LOSS_LABELS[loss])
+        if loss == BASELINE:
+            delta_axis.plot([], [])  # keep the colour cycle aligned with the left panel
+            continue
+        shifted = [size * (1 + 0.04 * (offset - 2)) for size in member_sizes]
+        means = np.array([row["delta_r5"] for row in members])
+        errors = np.array([[row["delta_r5"] - row["delta_r5_low"], row["delta_r5_high"] - row["delta_r5"]]
+                           for row in members]).T
+        delta_axis.errorbar(shifted, means, yerr=errors, marker="o", capsize=3, label=LOSS_LABELS[loss])
+    delta_axis.axhline(0.0, color="0.5", linewidth=0.8)
+    for panel in (axis, delta_axis):
+        panel.set_xscale("log")
+        panel.minorticks_off()
+        panel.set_xticks(sizes, [str(size) for size in sizes])
+        panel.set_xlabel("training images (5 captions each)")
     axis.set_ylabel("mean of i2t and t2i R@5 on test (%)")
+    delta_axis.set_ylabel("Δ mean R@5 vs baseline (points, 95% CI)")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -316,3 +340,37 @@ def plot_ablations(rows: list[dict[str, Any]], path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def replot(output_dir: Path) -> list[str]:
+    """Re-render the tables, headlines and figures of every ``<study>.json`` in ``output_dir`` without training.
+
+    The t-SNE figure is skipped because the result files do not store embeddings.
+
+    Returns:
+        The study names found.
+    """
+    from types import SimpleNamespace
+
+    studies = []
+    for path in sorted(Path(output_dir).glob("*.json")):
+        content = json.loads(path.read_text(encoding="utf-8"))
+        if "runs" not in content or "study" not in content:
+            continue
+        study, records = content["study"], content["runs"]
+        results = {run_id: SimpleNamespace(**curves) for run_id, curves in content["curves"].items()}
+        rows = summarize(records, "variant" if study == "ablations" else "loss")
+        section = [f"## {study}", "", markdown_table(rows), ""] + [f"- {sentence}" for sentence in headline(rows)]
+        (Path(output_dir) / f"{study}.md").write_text("\n".join(section) + "\n", encoding="utf-8")
+
+        if study in ("compare", "noise"):
+            plot_loss_curves(results, records, output_dir / f"{study}-loss-curves.png")
+            plot_noisy_recall(rows, records, output_dir / f"{study}-r5-after-noisy-training.png")
+            plot_weight_trajectories(results, records, output_dir / f"{study}-weight-trajectories.png")
+        elif study == "sample-efficiency":
+            plot_sample_efficiency(rows, output_dir / "sample-efficiency.png")
+        elif study == "ablations":
+            plot_ablations(rows, output_dir / "ablations.png")
+        studies.append(study)
+        logger.info("Re-rendered %s from %s.", study, path)
+    return studies

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--output-dir", type=Path, default=None,
                         help="results folder (path); default examples/flickr8k/runs/<UTC timestamp>.")
     system.add_argument("--no-plots", action="store_true", help="skip the PNG figures.")
+    system.add_argument("--replot", type=Path, metavar="DIR",
+                        help="only re-render tables and figures (except t-SNE) from the JSON files in DIR, then exit.")
     system.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                         help="logging level.")
     return parser
@@ -185,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
+    if args.replot is not None:
+        studies = report.replot(args.replot)
+        if not studies:
+            raise SystemExit(f"No study JSON files found in {args.replot}.")
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -160,7 +160,7 @@ class AlignmentModel(nn.Module):
 
     def encode_images(self, inputs: torch.Tensor) -> torch.Tensor:
         """Map (N, image_dim) features, or (N, H, W, 3) pixels when a tower is set, to (N, D) embeddings."""
-        device = self.logit_scale.log_scale.device
+        device = self.logit_scale().device
         features = inputs.to(device)
         if self.image_tower is not None:
             features = self.image_tower(features)
@@ -169,7 +169,7 @@ class AlignmentModel(nn.Module):
     @torch.inference_mode()
     def embed(self, data: EvalData, batch_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (num_images, D) and (num_captions, D) embeddings of a split, on the CPU."""
-        device = self.logit_scale.log_scale.device
+        device = self.logit_scale().device
         image_batch = 128 if self.image_tower is not None else batch_size
         images = torch.cat([self.encode_images(chunk).cpu() for chunk in data.image_features.split(image_batch)])
         texts = torch.cat([self.text_head(chunk.to(device)).cpu() for chunk in data.text_features.split(batch_size)])
