@@ -150,6 +150,10 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
                 f"(95% CI of the difference [{best['delta_rsum_low']:+.2f}, {best['delta_rsum_high']:+.2f}])."
             )
             continue
+        if best["paired_seeds"] < 2:
+            sentences.append(f"{where}: {label} had the highest mean rsum, {best['delta_rsum']:+.2f} over the "
+                             "baseline, from one seed, so there is no confidence interval.")
+            continue
         significant = best["delta_rsum_low"] > 0
         sentences.append(
             f"{where}: {label} had the highest mean rsum, {best['delta_rsum']:+.2f} over the baseline "
@@ -242,9 +246,10 @@ def plot_tsne(results: dict[str, RunResult], caption_image: np.ndarray, path: Pa
         embeddings = with_embeddings[loss].embeddings
         images = embeddings["images"]
         texts = embeddings["texts"][first_caption]
-        points = TSNE(n_components=2, init="pca", perplexity=30, random_state=seed, metric="cosine").fit_transform(
-            np.concatenate([images, texts])
-        )
+        # scikit-learn requires perplexity < number of points, which matters for small --eval-images.
+        perplexity = min(30.0, (2 * len(images) - 1) / 3)
+        points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed,
+                      metric="cosine").fit_transform(np.concatenate([images, texts]))
         image_points, text_points = points[: len(images)], points[len(images):]
         for index in range(0, len(images), max(1, len(images) // 40)):
             axis.plot(*zip(image_points[index], text_points[index]), color="0.6", linewidth=0.6)
