@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from examples.flickr8k import report
-from examples.flickr8k.data import DATA_DIR_ENV, LAYOUTS, load_flickr8k, resolve_data_dir
-from examples.flickr8k.download import DEFAULT_MIRROR_URL, download_flickr8k, parse_checksums
+from examples.flickr8k.data import DATA_DIR_ENV, LAYOUTS, DatasetFileNotFoundError, load_flickr8k, resolve_data_dir
+from examples.flickr8k.download import DEFAULT_MIRROR_URL, DownloadError, download_flickr8k, parse_checksums
 from examples.flickr8k.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from examples.flickr8k.experiment import (
     FeatureSource,
@@ -295,4 +295,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (DatasetFileNotFoundError, DownloadError, FileExistsError, ValueError) as error:
+        # Input and download errors carry their own fix; --log-level DEBUG adds the traceback.
+        logger.error("%s", error)
+        logger.debug("Traceback of the error above.", exc_info=True)
+        sys.exit(2)
