@@ -53,7 +53,7 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         - text_features: ``(N, D)``, same device.
         - logit_scale: Python float, 0-d tensor or ``nn.Parameter`` (the exponentiated multiplier).
         - image_ids (optional): ``(N,)`` integer group ids; pairs with equal ids are positives.
-        - Output: 0-d float32 tensor in nats.
+        - Output: 0-d tensor in nats, float32 (float64 for float64 inputs).
     """
 
     default_mapping: Mapping = "direct"
