@@ -215,6 +215,45 @@ def _check_fixed_weights(weights: tuple[float, float]) -> None:
         raise ValueError("weights must not both be 0, because the loss would be identically 0. Use (1.0, 1.0) for the CLIP loss.")
 
 
+def _validated_terms(
+    image_features: Tensor,
+    text_features: Tensor,
+    logit_scale: ScaleLike,
+    *,
+    need_statistics: bool,
+    image_ids: Optional[Tensor],
+    normalize: bool,
+    validate_values: bool,
+    local_loss: bool,
+    gather_with_grad: bool,
+    rank: Optional[int],
+    world_size: Optional[int],
+    process_group: Optional[Any],
+    batch_sizes: Optional[Sequence[int]],
+    chunk_size: Optional[int],
+) -> ContrastiveTerms:
+    """Validate and gather the batch, compute both directions' terms, and check that the loss is finite."""
+    group_info, batch, scale = prepare_batch(
+        image_features,
+        text_features,
+        logit_scale,
+        image_ids=image_ids,
+        normalize=normalize,
+        gather_with_grad=gather_with_grad,
+        rank=rank,
+        world_size=world_size,
+        process_group=process_group,
+        batch_sizes=batch_sizes,
+    )
+
+    terms = compute_batch_terms(
+        batch, scale, group_info, local_loss=local_loss, need_statistics=need_statistics, chunk_size=chunk_size
+    )
+    if validate_values:
+        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
+    return terms
+
+
 def symmetric_info_nce(
     image_features: Tensor,
     text_features: Tensor,
@@ -258,24 +297,22 @@ def symmetric_info_nce(
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
     """
     _check_fixed_weights(weights)
-    group_info, batch, scale = prepare_batch(
+    terms = _validated_terms(
         image_features,
         text_features,
         logit_scale,
+        need_statistics=return_details,
         image_ids=image_ids,
         normalize=normalize,
+        validate_values=validate_values,
+        local_loss=local_loss,
         gather_with_grad=gather_with_grad,
         rank=rank,
         world_size=world_size,
         process_group=process_group,
         batch_sizes=batch_sizes,
+        chunk_size=chunk_size,
     )
-
-    terms = compute_batch_terms(
-        batch, scale, group_info, local_loss=local_loss, need_statistics=return_details, chunk_size=chunk_size
-    )
-    if validate_values:
-        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 
     weight_tensor = torch.tensor(weights, dtype=torch.float32, device=terms.loss_i2t.device)
     loss = combine(terms, weight_tensor)
@@ -354,24 +391,22 @@ def adaptive_info_nce(
     """
     if (ema_statistic is None) != (ema_step is None):
         raise ValueError("ema_statistic and ema_step must be passed together or not at all.")
-    group_info, batch, scale = prepare_batch(
+    terms = _validated_terms(
         image_features,
         text_features,
         logit_scale,
+        need_statistics=True,
         image_ids=image_ids,
         normalize=normalize,
+        validate_values=validate_values,
+        local_loss=local_loss,
         gather_with_grad=gather_with_grad,
         rank=rank,
         world_size=world_size,
         process_group=process_group,
         batch_sizes=batch_sizes,
+        chunk_size=chunk_size,
     )
-
-    terms = compute_batch_terms(
-        batch, scale, group_info, local_loss=local_loss, need_statistics=True, chunk_size=chunk_size
-    )
-    if validate_values:
-        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
 
     assert terms.sums is not None
     summary = summarize(terms.sums)
