@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -39,22 +40,28 @@ def run_torchrun(*script_args: str) -> str:
     ]
     environment = dict(os.environ, GLOO_SOCKET_IFNAME="lo", MASTER_ADDR="127.0.0.1")
 
-    # A new session lets a timeout kill torchrun together with its workers.
-    process = subprocess.Popen(
-        command,
-        cwd=REPOSITORY,
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"torchrun timed out after {RUN_TIMEOUT_S} s and was killed. Output:\n{output}")
+    # A new session lets a timeout kill torchrun together with its workers. The output goes to a file, not
+    # a pipe, so that a worker that escaped the kill cannot keep the test waiting for end-of-file.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        process = subprocess.Popen(
+            command,
+            cwd=REPOSITORY,
+            env=environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            process.wait(timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            log.seek(0)
+            pytest.fail(f"torchrun timed out after {RUN_TIMEOUT_S} s and was killed. Output:\n{log.read()}")
+
+        log.seek(0)
+        output = log.read()
 
     assert process.returncode == 0, f"torchrun exited with {process.returncode}. Output:\n{output}"
     return output
