@@ -3,7 +3,8 @@
 Each archive is streamed to a staging folder inside the target folder, checked against its
 expected SHA-256 and unpacked there. The unpacked folders move into place with ``os.replace`` only
 after every archive has passed. On any error the staging folder is deleted, so a failed or
-interrupted download leaves no partial dataset behind.
+interrupted download leaves no partial dataset behind, and folders the download created are
+removed again (pre-existing folders are kept).
 """
 
 from __future__ import annotations
@@ -152,6 +153,7 @@ def download_flickr8k(
 
     Raises:
         DownloadError: a fetch failed or did not match; nothing new is left in ``data_dir``.
+            Folders that this call created, ``data_dir`` included, are removed again.
         FileExistsError: a target folder already exists; delete it or choose another folder.
     """
     data_dir = Path(data_dir)
@@ -165,8 +167,10 @@ def download_flickr8k(
                 f"{data_dir / archive.target_dir} already exists; delete it to download again."
             )
 
+    created = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".flickr8k-download-", dir=data_dir))
+    succeeded = False
     try:
         unpacked = []
         for archive in archives:
@@ -179,5 +183,18 @@ def download_flickr8k(
         for folder in unpacked:
             os.replace(folder, data_dir / folder.name)
             logger.info("Unpacked %s.", data_dir / folder.name)
+        succeeded = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not succeeded:
+            remove_empty_folders(created)
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove the folders a failed download created, deepest first. A folder that is not empty is kept."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            logger.warning("Could not remove %s, created by the failed download; it is not empty.", folder)
+            return

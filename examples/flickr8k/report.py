@@ -191,7 +191,7 @@ def plot_loss_curves(results: dict[str, RunResult], records: list[dict[str, Any]
             axis.fill_between(epochs, curves.min(axis=0), curves.max(axis=0), alpha=0.15)
         axis.set_title(LOSS_LABELS[loss], fontsize=9)
         axis.set_xlabel("epoch")
-    axes[0][0].set_ylabel("training loss (mean of i2t and t2i)")
+    axes[0][0].set_ylabel("training loss (nats, mean of i2t and t2i)")
     axes[0][-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

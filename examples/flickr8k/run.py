@@ -17,7 +17,10 @@ import platform
 import resource
 import subprocess
 import sys
+import math
 import time
+import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,7 @@ import torch
 
 from examples.flickr8k import report
 from examples.flickr8k.data import DATA_DIR_ENV, LAYOUTS, DatasetFileNotFoundError, load_flickr8k, resolve_data_dir
-from examples.flickr8k.download import DEFAULT_MIRROR_URL, DownloadError, download_flickr8k, parse_checksums
+from examples.flickr8k.download import DEFAULT_ARCHIVES, DEFAULT_MIRROR_URL, DownloadError, download_flickr8k, parse_checksums
 from examples.flickr8k.encoders import DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER
 from examples.flickr8k.experiment import (
     FeatureSource,
@@ -52,6 +55,10 @@ STUDIES = ("compare", "noise", "sample-efficiency", "ablations", "all", "extract
 DEFAULT_NOISE = "clean,swap:0.2,swap:0.5"
 STRESS_NOISE = "clean,swap:0.2,swap:0.5,words:0.1,words:0.3,pixels:0.25,pixels:0.5"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Image counts of the standard splits; check_split_sizes also checks the splits of the loaded dataset.
+FULL_TRAIN_IMAGES = 6000
+FULL_EVAL_IMAGES = 1000
+FINETUNE_MAX_BLOCKS = 16  # MBConv blocks of EfficientNet-Lite0; finetune.py checks the loaded model.
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--download-timeout", type=float, default=60.0, help="socket timeout for --download, in seconds.")
     data.add_argument("--train-images", type=int, default=1000,
                       help="size of the seeded low-data subset of the 6,000-image train split, in images "
-                           "(5 captions each); 0 uses the whole split.")
+                           "(5 captions each), from 2 to 6,000; 0 uses the whole split.")
     data.add_argument("--eval-images", type=int, default=0,
-                      help="limit dev and test to this many images for quick checks, in images; "
-                           "0 uses the full 1,000-image splits (required for reportable results).")
+                      help="limit dev and test to this many images for quick checks, in images (at most 1,000; "
+                           "larger values are rejected); 0 uses the full 1,000-image splits (required for "
+                           "reportable results).")
     data.add_argument("--data-seed", type=int, default=0,
                       help="seed (integer) of the training subset and the noise pattern, shared by all runs.")
 
@@ -94,18 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--pixel-sigma", type=float, default=0.3,
                        help="standard deviation of the Gaussian pixel noise, in pixel units on a [0, 1] scale.")
     study.add_argument("--sample-sizes", default="500,1000,2000,6000",
-                       help="comma-separated training-set sizes for the sample-efficiency curve, in images.")
+                       help="comma-separated training-set sizes for the sample-efficiency curve, in images "
+                            "(each from 2 to 6,000).")
 
     training = parser.add_argument_group("training")
     training.add_argument("--epochs", type=int, default=10, help="training epochs per run (passes over all pairs).")
-    training.add_argument("--batch-size", type=int, default=256, help="image-caption pairs per step.")
+    training.add_argument("--batch-size", type=int, default=256, help="image-caption pairs per step, at least 2.")
     training.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate.")
     training.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay of the heads.")
-    training.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction of all steps.")
+    training.add_argument("--warmup", type=float, default=0.05, help="linear warm-up, as a fraction in [0, 1) of all steps.")
     training.add_argument("--head", choices=("linear", "mlp"), default="linear", help="projection head type.")
     training.add_argument("--embed-dim", type=int, default=256, help="shared embedding size, in dimensions.")
     training.add_argument("--hidden-dim", type=int, default=512, help="hidden layer size of the MLP heads, in units.")
-    training.add_argument("--dropout", type=float, default=0.1, help="dropout probability in the MLP heads.")
+    training.add_argument("--dropout", type=float, default=0.1, help="dropout probability in [0, 1) in the MLP heads.")
     training.add_argument("--decay", type=float, default=0.9,
                           help="EMA decay in [0, 1) of the adaptive losses' batch statistics.")
     training.add_argument("--finetune-blocks", type=int, default=0,
@@ -141,11 +150,138 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _int_list(text: str, option: str) -> list[int]:
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate every option value before any data loading; exit with status 2 through ``parser.error``.
+
+    Each message names the option, the given value and the valid range, so a bad value fails in
+    seconds instead of after the feature extraction.
+    """
+    def reject(option: str, value: Any, fix: str) -> None:
+        parser.error(f"invalid {option} {value!r}: {fix}")
+
+    if args.replot is not None and not args.replot.is_dir():
+        reject("--replot", str(args.replot), "folder not found; pass a finished run folder, "
+               "e.g. examples/flickr8k/runs/<UTC timestamp>.")
+
+    check_data_args(args, reject)
+    check_study_args(args, reject)
+    check_training_args(args, reject)
+    check_system_args(args, reject)
+
+
+def check_data_args(args: argparse.Namespace, reject: Callable[[str, Any, str], None]) -> None:
+    """Validate the data options; ``reject`` exits with the option, its value and the fix."""
+    if urllib.parse.urlparse(args.mirror_url).scheme not in ("http", "https") or \
+            not urllib.parse.urlparse(args.mirror_url).netloc:
+        reject("--mirror-url", args.mirror_url, "expected an http:// or https:// URL.")
     try:
-        return [int(item) for item in text.split(",") if item.strip()]
-    except ValueError:
-        raise SystemExit(f"Invalid {option} {text!r}: expected comma-separated integers.") from None
+        checksums = parse_checksums(args.sha256)
+    except ValueError as error:
+        reject("--sha256", args.sha256, str(error))
+    archive_names = [archive.file_name for archive in DEFAULT_ARCHIVES]
+    for name in checksums:
+        if name not in archive_names:
+            reject("--sha256", name, f"unknown archive; expected one of {', '.join(archive_names)}.")
+    if not args.download_timeout > 0:
+        reject("--download-timeout", args.download_timeout, "expected a number of seconds greater than 0.")
+    if args.train_images == 1 or args.train_images < 0 or args.train_images > FULL_TRAIN_IMAGES:
+        reject("--train-images", args.train_images,
+               f"expected 2 to {FULL_TRAIN_IMAGES:,} images (the train split), or 0 for the whole split.")
+    if not 0 <= args.eval_images <= FULL_EVAL_IMAGES:
+        reject("--eval-images", args.eval_images,
+               f"expected 1 to {FULL_EVAL_IMAGES:,} images (the dev and test splits), or 0 for the whole splits.")
+    if args.data_seed < 0:
+        reject("--data-seed", args.data_seed, "expected an integer >= 0 (numpy seeds are non-negative).")
+
+
+def check_study_args(args: argparse.Namespace, reject: Callable[[str, Any, str], None]) -> None:
+    """Validate the study options; ``reject`` exits with the option, its value and the fix."""
+    try:
+        check_losses(parse_list(args.losses))
+    except ValueError as error:
+        reject("--losses", args.losses, str(error))
+    if args.seeds < 1:
+        reject("--seeds", args.seeds, "expected 1 or more seeds.")
+    entries = parse_list(args.noise)
+    if not entries:
+        reject("--noise", args.noise, "expected at least one setting, e.g. clean,swap:0.2.")
+    for entry in entries:
+        try:
+            NoiseSetting.parse(entry)
+        except ValueError as error:
+            reject("--noise", entry, f"{error} Valid settings: clean, swap:<fraction>, words:<probability>, "
+                                     "pixels:<fraction>, each level in [0, 1].")
+    if not args.pixel_sigma > 0:
+        reject("--pixel-sigma", args.pixel_sigma, "expected a standard deviation greater than 0, e.g. 0.3.")
+
+    entries = parse_list(args.sample_sizes)
+    if not entries:
+        reject("--sample-sizes", args.sample_sizes, "expected comma-separated image counts, e.g. 500,1000.")
+    for entry in entries:
+        try:
+            size = int(entry)
+        except ValueError:
+            size = None
+        if size is None or not 2 <= size <= FULL_TRAIN_IMAGES:
+            reject("--sample-sizes", entry, f"every entry must be an integer from 2 to {FULL_TRAIN_IMAGES:,} "
+                                            f"images (the train split); got {args.sample_sizes!r}.")
+
+
+def check_training_args(args: argparse.Namespace, reject: Callable[[str, Any, str], None]) -> None:
+    """Validate the training options; ``reject`` exits with the option, its value and the fix."""
+    if args.epochs < 1:
+        reject("--epochs", args.epochs, "expected 1 or more epochs.")
+    if args.batch_size < 2:
+        reject("--batch-size", args.batch_size,
+               "expected 2 or more pairs per step, because InfoNCE on a single pair is always 0.")
+    for option, value in (("--lr", args.lr), ("--finetune-lr", args.finetune_lr)):
+        if not (value > 0 and math.isfinite(value)):
+            reject(option, value, "expected a learning rate greater than 0, e.g. 1e-3.")
+    if not (args.weight_decay >= 0 and math.isfinite(args.weight_decay)):
+        reject("--weight-decay", args.weight_decay, "expected a weight decay >= 0, e.g. 0.05.")
+    for option, value, meaning in (("--warmup", args.warmup, "fraction of all steps"),
+                                   ("--dropout", args.dropout, "probability"),
+                                   ("--decay", args.decay, "EMA decay")):
+        if not 0 <= value < 1:
+            reject(option, value, f"expected a {meaning} in [0, 1).")
+    for option, value in (("--embed-dim", args.embed_dim), ("--hidden-dim", args.hidden_dim)):
+        if value < 1:
+            reject(option, value, "expected 1 or more dimensions.")
+    if not 0 <= args.finetune_blocks <= FINETUNE_MAX_BLOCKS:
+        reject("--finetune-blocks", args.finetune_blocks,
+               f"expected 0 (heads only) to {FINETUNE_MAX_BLOCKS}, the MBConv blocks of EfficientNet-Lite0.")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        reject("--device", args.device, "expected a torch device such as cpu, cuda or cuda:0.")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        reject("--device", args.device, "CUDA is not available on this machine; use --device cpu.")
+
+
+def check_system_args(args: argparse.Namespace, reject: Callable[[str, Any, str], None]) -> None:
+    """Validate the feature and system options; ``reject`` exits with the option, its value and the fix."""
+    if args.image_encoder != DEFAULT_IMAGE_ENCODER and not (
+            args.image_encoder.startswith("timm:") and args.image_encoder.removeprefix("timm:")):
+        reject("--image-encoder", args.image_encoder, f"expected '{DEFAULT_IMAGE_ENCODER}' or 'timm:<model name>'.")
+    prefix = "sentence-transformers:"
+    if args.text_encoder != DEFAULT_TEXT_ENCODER and not (
+            args.text_encoder.startswith(prefix) and args.text_encoder.removeprefix(prefix)):
+        reject("--text-encoder", args.text_encoder,
+               f"expected '{DEFAULT_TEXT_ENCODER}' or 'sentence-transformers:<local folder>'.")
+    for option, value in (("--image-batch-size", args.image_batch_size),
+                          ("--text-batch-size", args.text_batch_size)):
+        if value < 1:
+            reject(option, value, "expected 1 or more items per forward pass.")
+    if args.threads < 0:
+        reject("--threads", args.threads, "expected 1 or more threads, or 0 to keep torch's default.")
+    if args.train_threads < 0:
+        reject("--train-threads", args.train_threads,
+               "expected 1 or more threads, or 0 to keep the feature extraction's thread count.")
+
+
+def parse_list(text: str) -> list[str]:
+    """Split a comma-separated option value into its non-empty, stripped entries."""
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def machine_description() -> dict[str, Any]:
@@ -182,15 +318,36 @@ def write_study(name: str, records: list[dict[str, Any]], results: dict, rows: l
     return text
 
 
+def check_split_sizes(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      splits: dict[str, np.ndarray]) -> None:
+    """Reject image counts larger than the loaded splits, which can be smaller than the standard ones."""
+    train_size = len(splits["train"])
+    requested = {"--train-images": [args.train_images]}
+    if args.study in ("sample-efficiency", "all"):
+        requested["--sample-sizes"] = [int(size) for size in parse_list(args.sample_sizes)]
+    for option, sizes in requested.items():
+        for size in sizes:
+            if size > train_size:
+                parser.error(f"invalid {option} {size}: the train split of this dataset has only "
+                             f"{train_size:,} images; use at most {train_size:,}.")
+    eval_size = min(len(splits["dev"]), len(splits["test"]))
+    if args.eval_images > eval_size:
+        parser.error(f"invalid --eval-images {args.eval_images}: the dev and test splits of this dataset "
+                     f"have only {eval_size:,} images; use at most {eval_size:,}, or 0 for all.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_args(parser, args)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
     if args.replot is not None:
         studies = report.replot(args.replot)
         if not studies:
-            raise SystemExit(f"No study JSON files found in {args.replot}.")
+            parser.error(f"invalid --replot {str(args.replot)!r}: the folder contains no study JSON files "
+                         "(compare.json, noise.json, ...); pass a finished run folder.")
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -200,13 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         download_flickr8k(data_dir, args.mirror_url, parse_checksums(args.sha256), timeout=args.download_timeout)
     dataset = load_flickr8k(data_dir, args.layout)
 
-    losses = check_losses([loss.strip() for loss in args.losses.split(",") if loss.strip()])
+    losses = check_losses(parse_list(args.losses))
     seeds = list(range(args.seeds))
-    if not seeds:
-        raise SystemExit("Invalid --seeds 0: need at least one seed.")
-    compare_settings = [NoiseSetting.parse(text) for text in args.noise.split(",")]
+    compare_settings = [NoiseSetting.parse(text) for text in parse_list(args.noise)]
     stress_settings = [NoiseSetting.parse(text) for text in STRESS_NOISE.split(",")]
-    sample_sizes = _int_list(args.sample_sizes, "--sample-sizes")
+    sample_sizes = [int(size) for size in parse_list(args.sample_sizes)]
+    check_split_sizes(parser, args, dataset.splits)
     main_size = args.train_images or len(dataset.splits["train"])
     sizes = sorted({main_size} | (set(sample_sizes) if args.study in ("sample-efficiency", "all") else set()))
     train_sets = {size: train_subset(dataset.splits["train"], size, args.data_seed) for size in sizes}

@@ -156,3 +156,36 @@ def test_parse_checksums() -> None:
     for invalid in ("Flickr8k_text.zip", "Flickr8k_text.zip=abc", f"x={'g' * 64}"):
         with pytest.raises(ValueError, match="Invalid checksum"):
             parse_checksums([invalid])
+
+
+def test_failed_download_removes_created_folder(tmp_path: Path, good_files, good_checksums) -> None:
+    data_dir = tmp_path / "new" / "flickr8k"
+
+    with ArchiveServer(good_files, truncate="Flickr8k_text.zip") as server, pytest.raises(DownloadError):
+        download_flickr8k(data_dir, server.url, good_checksums, ARCHIVES, timeout=10)
+
+    assert not data_dir.exists()
+    assert not (tmp_path / "new").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_keeps_existing_folder(tmp_path: Path, good_checksums) -> None:
+    data_dir = tmp_path / "flickr8k"
+    data_dir.mkdir()
+    (data_dir / "notes.txt").write_text("kept")
+
+    with ArchiveServer({}) as server, pytest.raises(DownloadError, match="404"):
+        download_flickr8k(data_dir, server.url, good_checksums, ARCHIVES, timeout=10)
+
+    assert data_dir.is_dir()
+    assert [path.name for path in data_dir.iterdir()] == ["notes.txt"]
+
+
+def test_failed_download_keeps_existing_empty_folder(tmp_path: Path, good_checksums) -> None:
+    data_dir = tmp_path / "flickr8k"
+    data_dir.mkdir()
+
+    with ArchiveServer({}) as server, pytest.raises(DownloadError, match="404"):
+        download_flickr8k(data_dir, server.url, good_checksums, ARCHIVES, timeout=10)
+
+    assert data_dir.is_dir()
