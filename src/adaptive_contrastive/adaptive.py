@@ -109,6 +109,16 @@ class AdaptiveInfoNCE(ContrastiveLoss):
         """Return the ``(2,)`` non-negative difficulty statistic of this batch, image->text first."""
         raise NotImplementedError
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Keep the moving average in float32 when the module is cast with .half(), .to(dtype) and the like,
+        # because a float16 average of a variance overflows and bfloat16 rounds it to 3 digits. The device
+        # still follows the cast.
+        ema_statistic = self.ema_statistic
+        result = super()._apply(fn, recurse)
+        if self.ema_statistic.dtype != torch.float32:
+            self.ema_statistic = ema_statistic.to(device=self.ema_statistic.device, dtype=torch.float32)
+        return result
+
     def reset_statistics(self) -> None:
         """Forget the moving average, so the next step starts again from equal weights."""
         self.ema_statistic.zero_()

@@ -188,16 +188,33 @@ def check_values(
     text_features: Tensor,
     logit_scale: ScaleLike,
     image_ids: Optional[Tensor] = None,
+    statistic: Optional[Tensor] = None,
 ) -> None:
     """Raise a ``ValueError`` naming the bad input when the loss is not finite or ``logit_scale <= 0``.
+
+    With ``statistic``, a non-finite difficulty statistic raises as well, in the same boolean read.
 
     This is the one host synchronisation in a forward pass, a single boolean read. It is skipped while
     ``torch.compile`` traces, so compiled losses do not break their graph on it.
     """
     if torch.compiler.is_compiling():
         return
-    if not bool(values_are_valid(terms.loss_i2t + terms.loss_t2i, logit_scale)):
-        raise_for_invalid_values(image_features, text_features, logit_scale, image_ids)
+
+    valid = values_are_valid(terms.loss_i2t + terms.loss_t2i, logit_scale)
+    if statistic is not None:
+        valid = valid & torch.isfinite(statistic).all()
+    if bool(valid):
+        return
+
+    loss_and_scale_valid = bool(values_are_valid(terms.loss_i2t + terms.loss_t2i, logit_scale))
+    if statistic is not None and loss_and_scale_valid:
+        raise ValueError(
+            f"the difficulty statistic overflowed float32 (got {statistic.tolist()}) although the loss is finite, "
+            f"because the logits are very large (largest feature magnitude "
+            f"{max(float(image_features.detach().abs().max()), float(text_features.detach().abs().max())):.3g}). "
+            f"L2-normalise the features, for example with normalize=True, or lower logit_scale."
+        )
+    raise_for_invalid_values(image_features, text_features, logit_scale, image_ids)
 
 
 def combine(terms: ContrastiveTerms, weights: Tensor) -> Tensor:
@@ -231,8 +248,13 @@ def _validated_terms(
     process_group: Optional[Any],
     batch_sizes: Optional[Sequence[int]],
     chunk_size: Optional[int],
-) -> ContrastiveTerms:
-    """Validate and gather the batch, compute both directions' terms, and check that the loss is finite."""
+    statistic_fn: Optional[StatisticFn] = None,
+) -> tuple[ContrastiveTerms, Optional[DirectionSummary], Optional[Tensor]]:
+    """Validate and gather the batch, then compute both directions' terms.
+
+    With ``statistic_fn`` it also returns the batch summary and the ``(2,)`` detached float32 difficulty
+    statistic. With ``validate_values`` it checks that the loss and the statistic are finite.
+    """
     group_info, batch, scale = prepare_batch(
         image_features,
         text_features,
@@ -249,9 +271,16 @@ def _validated_terms(
     terms = compute_batch_terms(
         batch, scale, group_info, local_loss=local_loss, need_statistics=need_statistics, chunk_size=chunk_size
     )
+    summary = None
+    statistic = None
+    if statistic_fn is not None:
+        assert terms.sums is not None
+        summary = summarize(terms.sums)
+        statistic = statistic_fn(summary).detach().float()
+
     if validate_values:
-        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids)
-    return terms
+        check_values(terms, batch.image_features, batch.text_features, logit_scale, batch.image_ids, statistic)
+    return terms, summary, statistic
 
 
 def symmetric_info_nce(
@@ -297,7 +326,7 @@ def symmetric_info_nce(
         0-d float32 loss (nats), or a :class:`ContrastiveLossOutput`.
     """
     _check_fixed_weights(weights)
-    terms = _validated_terms(
+    terms, _, _ = _validated_terms(
         image_features,
         text_features,
         logit_scale,
@@ -391,7 +420,7 @@ def adaptive_info_nce(
     """
     if (ema_statistic is None) != (ema_step is None):
         raise ValueError("ema_statistic and ema_step must be passed together or not at all.")
-    terms = _validated_terms(
+    terms, summary, statistic = _validated_terms(
         image_features,
         text_features,
         logit_scale,
@@ -406,11 +435,10 @@ def adaptive_info_nce(
         process_group=process_group,
         batch_sizes=batch_sizes,
         chunk_size=chunk_size,
+        statistic_fn=statistic_fn,
     )
 
-    assert terms.sums is not None
-    summary = summarize(terms.sums)
-    statistic = statistic_fn(summary).detach().float()
+    assert summary is not None and statistic is not None
 
     if ema_statistic is None or ema_step is None:
         smoothed = statistic

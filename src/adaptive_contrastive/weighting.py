@@ -32,7 +32,13 @@ def check_weighting_options(
     warmup_steps: int,
     eps: float,
 ) -> None:
-    """Raise ``ValueError`` or ``TypeError`` naming the first invalid weighting option."""
+    """Raise ``TypeError`` (wrong type) or ``ValueError`` (out of range) naming the first invalid option."""
+    for name, value in (("decay", decay), ("power", power), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number (int or float), got {type(value).__name__} {value!r}.")
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+        raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__} {warmup_steps!r}.")
+
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
         raise ValueError(
             f"decay must be a number in [0, 1), got {decay!r}. Use 0 for no smoothing or a value such as 0.9."
@@ -44,7 +50,9 @@ def check_weighting_options(
     if not (isinstance(weight_bounds, (tuple, list)) and len(weight_bounds) == 2):
         raise TypeError(f"weight_bounds must be a pair (min_weight, max_weight), got {weight_bounds!r}.")
     low, high = weight_bounds
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (low, high)):
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise TypeError(f"weight_bounds must hold two numbers, got {weight_bounds!r}.")
+    if not all(math.isfinite(v) for v in (low, high)):
         raise ValueError(f"weight_bounds must hold two finite numbers, got {weight_bounds!r}.")
     if not 0.0 < low <= 1.0 <= high:
         raise ValueError(
@@ -63,10 +71,14 @@ def ema_update_(ema_statistic: Tensor, ema_step: Tensor, statistic: Tensor, deca
     Args:
         ema_statistic: ``(2,)`` float32 buffer ``m_{t-1}``, overwritten with ``m_t``.
         ema_step: 0-d int64 buffer ``t - 1``, incremented to ``t``.
-        statistic: ``(2,)`` batch statistic ``x_t`` (detached).
+        statistic: ``(2,)`` batch statistic ``x_t`` (detached). A non-finite entry leaves its average as is.
         decay: smoothing factor in [0, 1).
     """
-    ema_statistic.lerp_(statistic.to(ema_statistic.dtype), 1.0 - decay)
+    # A non-finite entry (possible only with validate_values=False) keeps the previous average, so one bad
+    # batch cannot poison every later step.
+    statistic = statistic.to(ema_statistic.dtype)
+    statistic = torch.where(torch.isfinite(statistic), statistic, ema_statistic)
+    ema_statistic.lerp_(statistic, 1.0 - decay)
     ema_step.add_(1)
 
 
@@ -109,9 +121,11 @@ def weights_from_statistics(
     """
     statistic = statistic.detach().float().clamp_min(0.0) + eps
     exponent = power if mapping == "direct" else -power
-    difficulty = statistic.pow(exponent)
 
-    weight_i2t = 2.0 * difficulty[0] / (difficulty[0] + difficulty[1])
+    # 2 * d0 / (d0 + d1) equals 2 * sigmoid(log d0 - log d1). The log form cannot overflow, whereas
+    # (c + eps) ** power reaches inf / inf = NaN for a large power or a tiny statistic.
+    log_ratio = exponent * (statistic[0].log() - statistic[1].log())
+    weight_i2t = 2.0 * torch.sigmoid(log_ratio)
 
     low, high = weight_bounds
     weight_i2t = weight_i2t.clamp(max(low, 2.0 - high), min(high, 2.0 - low))

@@ -288,7 +288,8 @@ def test_buffers_follow_module_to():
     [
         ({"decay": 1.0}, ValueError, r"decay must be a number in \[0, 1\), got 1.0"),
         ({"decay": -0.1}, ValueError, r"decay .* got -0.1"),
-        ({"decay": True}, ValueError, r"decay .* got True"),
+        ({"decay": True}, TypeError, r"decay must be a number .* True"),
+        ({"decay": "0.9"}, TypeError, r"decay must be a number .* str '0.9'"),
         ({"weight_bounds": (1.2, 1.5)}, ValueError, r"weight_bounds must satisfy .* got \(1.2, 1.5\)"),
         ({"weight_bounds": (0.5, 0.9)}, ValueError, r"weight_bounds .* got \(0.5, 0.9\)"),
         ({"weight_bounds": (0.0, 1.5)}, ValueError, r"weight_bounds .* got \(0.0, 1.5\)"),
@@ -297,7 +298,7 @@ def test_buffers_follow_module_to():
         ({"power": -1.0}, ValueError, r"power must be a finite number >= 0, got -1.0"),
         ({"power": math.nan}, ValueError, r"power .* got nan"),
         ({"warmup_steps": -1}, ValueError, r"warmup_steps must be an int >= 0, got -1"),
-        ({"warmup_steps": 2.5}, ValueError, r"warmup_steps .* got 2.5"),
+        ({"warmup_steps": 2.5}, TypeError, r"warmup_steps must be an int, got float 2.5"),
         ({"eps": 0.0}, ValueError, r"eps must be a finite number > 0, got 0.0"),
         ({"mapping": "sqrt"}, ValueError, r"mapping must be one of .* got 'sqrt'"),
         ({"bias_correction": 1}, TypeError, r"bias_correction must be a bool, got 1"),
