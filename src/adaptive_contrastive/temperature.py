@@ -16,7 +16,13 @@ def clamp_logit_scale_(parameter: Tensor, max_scale: float = 100.0) -> Tensor:
     if not (math.isfinite(max_scale) and max_scale > 0):
         raise ValueError(f"max_scale must be a finite number > 0, got {max_scale!r}. CLIP uses 100.")
     with torch.no_grad():
-        parameter.clamp_(max=math.log(max_scale))
+        limit = torch.tensor(math.log(max_scale), dtype=parameter.dtype, device=parameter.device)
+
+        # log(max_scale) rounded to the parameter's dtype can exponentiate to slightly more than max_scale
+        # (100.0000076 for 100 in float32), so step down to the next representable value when it does.
+        if float(limit.exp()) > max_scale:
+            limit = torch.nextafter(limit, torch.zeros_like(limit) - math.inf)
+        parameter.clamp_(max=limit)
     return parameter
 
 

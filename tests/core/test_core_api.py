@@ -183,6 +183,17 @@ def test_logit_scale_clamp_in_place():
     assert scale().item() == pytest.approx(100.0, rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("max_scale", [100.0, 50.0, 14.285714])
+def test_clamped_scale_not_above_max(dtype, max_scale):
+    parameter = torch.nn.Parameter(torch.tensor(10.0, dtype=dtype))
+
+    ac.clamp_logit_scale_(parameter, max_scale)
+
+    assert parameter.exp().item() <= max_scale
+    assert parameter.exp().item() == pytest.approx(max_scale, rel=1e-2)
+
+
 def test_logit_scale_clamp_keeps_small():
     scale = ac.LogitScale(init_temperature=0.5)
 
