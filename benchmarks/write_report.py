@@ -5,9 +5,9 @@ Usage::
     .venv/bin/python benchmarks/write_report.py --grid targets --repeats 5 --threads 2,1 --notes benchmarks/notes.md
     .venv/bin/python benchmarks/write_report.py --render-only --notes benchmarks/notes.md
 
-The first form measures (about 15 minutes on two cores) and stores the numbers in
-``benchmarks/results.json``; the second rewrites the page from that file, for example after editing the
-notes, which explain the missed targets of the stored run.
+The first form measures and stores the numbers in ``benchmarks/results.json``. It took 7 minutes on the
+2-core machine named in ``docs/benchmarks.md``, at low load. The second form rewrites the page from that
+file, for example after editing the notes, which explain the missed targets of the stored run.
 
 Each cell times every loss interleaved with the reference and one matrix product, so the ratios come
 from the same run. See ``harness.py`` for the timing and memory method.

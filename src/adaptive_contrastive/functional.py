@@ -389,8 +389,8 @@ def adaptive_info_nce(
     """Compute ``0.5 * (w_i2t * L_i2t + w_t2i * L_t2i)`` with weights set by a difficulty statistic.
 
     ``statistic_fn`` maps the batch summary to a ``(2,)`` statistic. When ``ema_statistic`` and
-    ``ema_step`` are given, the statistic is folded into them in place (only if ``update_ema``) and the
-    weights come from their bias-corrected average; otherwise the weights come from this batch alone.
+    ``ema_step`` are given, the weights come from their bias-corrected average, and the statistic is folded
+    into them in place first if ``update_ema`` is true. Without them the weights come from this batch alone.
     See :mod:`adaptive_contrastive.weighting` for the mapping.
 
     Args:
